@@ -1,0 +1,22 @@
+# `make test` and `make train` are all the set-up a user needs: each creates .venv and
+# installs the package (editable, with the dev extra) when .venv is missing or setup.py
+# changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test install clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -n auto -q tests
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

@@ -32,6 +32,7 @@ setuptools.setup(
         "tensorboardX>=2.6.2",
         "matplotlib>=3.8",
         "tqdm>=4.66",
+        "jmp>=0.0.4",  # loss scaling for the standard-parametrization baselines
     ],
     extras_require={"dev": ["pytest>=8.0", "pytest-xdist>=3.5"]},
 )

@@ -1,0 +1,1 @@
+"""Training: mesh and shardings, optimizer, checkpoints, metrics and the loop."""

@@ -1,0 +1,111 @@
+"""The optimizer from `config.train`: optax AdamW / LAMB / SGD, warmup then linear or
+cosine decay, global-norm clipping, gradient accumulation, and loss scaling for the
+standard-parametrization baselines in FP16/FP8.
+
+The chain is `clip -> scale_by_{adam|lamb|sgd} -> per-tensor lr factors -> weight decay
+-> learning rate`, so that the u-μP per-tensor rule (`unit_scaling.optim`) multiplies
+the normalised update before the global learning rate, and independent weight decay
+(u-μP) is not multiplied by either.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jmp
+import optax
+
+OPTIMIZERS = ("adamw", "lamb", "sgd")
+SCHEDULES = ("cosine", "linear", "constant")
+LOSS_SCALES = ("none", "static", "dynamic")
+
+
+def learning_rate_schedule(train: Any) -> optax.Schedule:
+    """Linear warmup from 0 to `train.lr` over `warmup_steps`, then `train.schedule`
+    ("cosine" | "linear" to `lr * final_lr_fraction` at `steps`, or "constant")."""
+    if train.steps <= 0:
+        raise ValueError(f"config.train.steps={train.steps} must be positive")
+    if not 0 <= train.warmup_steps <= train.steps:
+        raise ValueError(
+            f"config.train.warmup_steps={train.warmup_steps} must be in [0, "
+            f"config.train.steps={train.steps}]"
+        )
+    if train.schedule not in SCHEDULES:
+        raise ValueError(f"config.train.schedule={train.schedule!r}: use one of {SCHEDULES}")
+    if train.lr <= 0:
+        raise ValueError(f"config.train.lr={train.lr} must be positive")
+    final = train.lr * train.get("final_lr_fraction", 0.0)
+    decay_steps = max(train.steps - train.warmup_steps, 1)
+    decay = {
+        "cosine": lambda: optax.cosine_decay_schedule(train.lr, decay_steps, final / train.lr),
+        "linear": lambda: optax.linear_schedule(train.lr, final, decay_steps),
+        "constant": lambda: optax.constant_schedule(train.lr),
+    }[train.schedule]()
+    if train.warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, train.lr, train.warmup_steps)
+    return optax.join_schedules([warmup, decay], [train.warmup_steps])
+
+
+def make_optimizer(
+    train: Any,
+    per_tensor_lr: Optional[optax.GradientTransformation] = None,
+    weight_decay: Optional[optax.GradientTransformation] = None,
+    decay_mask: Optional[Callable[[Any], Any]] = None,
+) -> optax.GradientTransformation:
+    """The optax transformation for `config.train`.
+
+    Args:
+      train: `config.train` with `optimizer, lr, schedule, warmup_steps, steps,
+        weight_decay, grad_clip, grad_accum, b1, b2, eps, momentum`.
+      per_tensor_lr: the parametrization's per-tensor lr factors (u-μP), or None.
+      weight_decay: a transformation that adds the decay term itself (u-μP's
+        independent decay); None uses decoupled decay `train.weight_decay * lr`.
+      decay_mask: for decoupled decay, a function `params -> bool tree` (True where
+        decayed: weights, not biases and norms).
+    """
+    if train.optimizer not in OPTIMIZERS:
+        raise ValueError(f"config.train.optimizer={train.optimizer!r}: use one of {OPTIMIZERS}")
+    if train.grad_clip < 0 or train.weight_decay < 0:
+        raise ValueError("config.train.grad_clip and weight_decay must be >= 0 (0 = off)")
+    if train.grad_accum < 1:
+        raise ValueError(f"config.train.grad_accum={train.grad_accum} must be >= 1")
+    schedule = learning_rate_schedule(train)
+    parts = []
+    if train.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(train.grad_clip))
+    if train.optimizer == "sgd":
+        parts.append(optax.trace(train.momentum) if train.momentum else optax.identity())
+    else:
+        parts.append(optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps))
+    if per_tensor_lr is not None:
+        parts.append(per_tensor_lr)
+    if weight_decay is not None:
+        parts.append(weight_decay)
+    elif train.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(train.weight_decay, mask=decay_mask))
+    if train.optimizer == "lamb":
+        parts.append(optax.scale_by_trust_ratio())
+    parts.append(optax.scale_by_learning_rate(schedule))
+    tx = optax.chain(*parts)
+    if train.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=train.grad_accum)
+    return tx
+
+
+def make_loss_scale(train: Any) -> jmp.LossScale:
+    """`train.loss_scale`: "none" (unit scaling and u-μP need none), "static" (multiply
+    the loss by `loss_scale_value`) or "dynamic" (start at `loss_scale_value`, halve on
+    non-finite gradients and skip the step, double after `loss_scale_period` good
+    steps), as the SP FP16/FP8 baselines of the unit-scaling paper."""
+    kind = train.get("loss_scale", "none")
+    if kind not in LOSS_SCALES:
+        raise ValueError(f"config.train.loss_scale={kind!r}: use one of {LOSS_SCALES}")
+    import jax.numpy as jnp
+
+    value = jnp.float32(train.get("loss_scale_value", 2.0**15))
+    if kind == "static":
+        return jmp.StaticLossScale(value)
+    if kind == "dynamic":
+        return jmp.DynamicLossScale(value, period=train.get("loss_scale_period", 2000))
+    return jmp.NoOpLossScale()

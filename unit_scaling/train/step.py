@@ -1,0 +1,114 @@
+"""The train state and the jitted train and eval steps.
+
+A model is any Flax module whose `apply({"params": p}, batch, deterministic=...,
+rngs={"dropout": key})` returns `(loss, metrics)` with scalar entries. The step computes
+gradients of the (loss-scaled) loss, unscales them, applies the optax update, and
+skips it when a dynamic loss scale saw non-finite gradients. It reports the loss and
+metrics under `train/`, the gradient and update norms, the learning rate, and whether
+every gradient was finite (the loop stops on a non-finite loss).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import jmp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # optimizer updates done
+    params: Any
+    opt_state: Any
+    loss_scale: jmp.LossScale
+    rng: jax.Array  # raw uint32 key data, so that it checkpoints as a plain array
+
+
+def init_state(model, tx, loss_scale, batch, seed: int) -> TrainState:
+    """Initialises a `TrainState` (call under `jax.jit(..., out_shardings=...)`)."""
+    init_key, rng = jax.random.split(jax.random.key(seed))
+    variables = model.init({"params": init_key}, batch, deterministic=True)
+    params = flax.core.unfreeze(variables)["params"]
+    params = flax.linen.meta.unbox(params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        loss_scale=loss_scale,
+        rng=jax.random.key_data(rng),
+    )
+
+
+def rms(tree: Any) -> jax.Array:
+    """RMS over all elements of a pytree (float32)."""
+    leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(tree)]
+    total = sum(jnp.sum(jnp.square(x)) for x in leaves)
+    return jnp.sqrt(total / max(sum(x.size for x in leaves), 1))
+
+
+def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable) -> Callable:
+    """`train_step(state, batch) -> (state, metrics)`; jit it with shardings."""
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng, dropout_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+
+        def loss_fn(params):
+            loss, metrics = model.apply(
+                {"params": params}, batch, deterministic=False, rngs={"dropout": dropout_key}
+            )
+            return state.loss_scale.scale(loss), (loss, metrics)
+
+        grads, (loss, model_metrics) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads = state.loss_scale.unscale(grads)
+        finite = jmp.all_finite(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # A dynamic loss scale skips steps with overflowing gradients (and halves);
+        # otherwise a non-finite gradient goes through and the loop stops the run.
+        skip = jnp.logical_and(jnp.logical_not(finite), isinstance(state.loss_scale, jmp.DynamicLossScale))
+        params, opt_state = jmp.select_tree(skip, (state.params, state.opt_state), (params, opt_state))
+        new_state = state.replace(
+            step=state.step + jnp.where(skip, 0, 1),
+            params=params,
+            opt_state=opt_state,
+            loss_scale=state.loss_scale.adjust(finite),
+            rng=jax.random.key_data(rng),
+        )
+        metrics = {f"train/{k}": v for k, v in model_metrics.items()}
+        metrics.update({
+            "train/loss": loss,
+            "train/lr": schedule(state.step),
+            "train/grad_norm": optax.tree.norm(grads),
+            "train/update_rms": rms(updates),
+            "train/param_rms": rms(params),
+            "train/grads_finite": finite,
+            "train/loss_scale": state.loss_scale.loss_scale,
+        })
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model) -> Callable:
+    """`eval_step(params, batch) -> metrics` (deterministic), under `eval/`."""
+
+    def eval_step(params, batch):
+        loss, metrics = model.apply({"params": params}, batch, deterministic=True)
+        return {"eval/loss": loss, **{f"eval/{k}": v for k, v in metrics.items()}}
+
+    return eval_step
+
+
+def non_finite_paths(tree: Any, limit: int = 10) -> list[str]:
+    """Key paths of the first `limit` leaves that hold a NaN or inf (host side)."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not bool(jnp.all(jnp.isfinite(leaf))):
+            bad.append(jax.tree_util.keystr(path))
+            if len(bad) == limit:
+                break
+    return bad

@@ -16,6 +16,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import jmp
+import numpy as np
 import optax
 
 
@@ -88,6 +89,13 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable)
             "train/grads_finite": finite,
             "train/loss_scale": state.loss_scale.loss_scale,
         })
+        # Per-tensor diagnostics (keys with "_" are not logged as scalars): which
+        # gradients are finite, and the RMS of every parameter, gradient and update.
+        metrics["_finite"] = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
+        metrics["_rms"] = {
+            name: jax.tree.map(rms, tree)
+            for name, tree in (("params", params), ("grads", grads), ("updates", updates))
+        }
         return new_state, metrics
 
     return train_step
@@ -104,11 +112,23 @@ def make_eval_step(model) -> Callable:
 
 
 def non_finite_paths(tree: Any, limit: int = 10) -> list[str]:
-    """Key paths of the first `limit` leaves that hold a NaN or inf (host side)."""
+    """Key paths of the first `limit` leaves that hold a NaN or inf, or are False (a
+    tree of "is finite" flags)."""
     bad = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        if not bool(jnp.all(jnp.isfinite(leaf))):
+        leaf = np.asarray(leaf)
+        if not (leaf.all() if leaf.dtype == bool else np.isfinite(leaf).all()):
             bad.append(jax.tree_util.keystr(path))
             if len(bad) == limit:
                 break
     return bad
+
+
+def flatten_rms(rms_trees: dict) -> dict[str, float]:
+    """`{"rms/grads/encoder/layer_0/...": value}` from the step's `_rms` trees."""
+    flat = {}
+    for name, tree in rms_trees.items():
+        for path, value in jax.tree_util.tree_leaves_with_path(tree):
+            keys = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            flat[f"rms/{name}/{keys}"] = float(value)
+    return flat

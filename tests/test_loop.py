@@ -17,8 +17,9 @@ from unit_scaling.train import loop, metrics
 class Batches:
     """A deterministic iterator with grain-style get_state/set_state."""
 
-    def __init__(self, kill_at=None, nan_at=None):
+    def __init__(self, kill_at=None, nan_at=None, shard=(0, 1)):
         self.index, self.kill_at, self.nan_at = 0, kill_at, nan_at
+        self.shard = shard  # (process_index, process_count): rows of the global batch
 
     def __next__(self):
         self.index += 1
@@ -27,7 +28,9 @@ class Batches:
         rng = np.random.default_rng(self.index)
         x = rng.normal(size=(16, 4)).astype(np.float32)
         scale = np.inf if self.index == self.nan_at else 1.0
-        return {"x": x, "y": np.sin(x.sum(-1)), "scale": np.full((16,), scale, np.float32)}
+        batch = {"x": x, "y": np.sin(x.sum(-1)), "scale": np.full((16,), scale, np.float32)}
+        index, count = self.shard
+        return {k: np.split(v, count)[index] for k, v in batch.items()}
 
     def get_state(self):
         return {"index": self.index}

@@ -1,0 +1,29 @@
+"""One process of the two-process localhost test (`test_multihost.py`).
+
+Usage: python -m tests.multihost_worker PROCESS_ID NUM_PROCESSES PORT WORKDIR
+Each process has 4 CPU devices; together they run the toy loop on an 8-device mesh,
+each feeding its half of every global batch.
+"""
+
+import os
+import sys
+
+process_id, num_processes, port, workdir = sys.argv[1:5]
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(
+    coordinator_address=f"localhost:{port}", num_processes=int(num_processes),
+    process_id=int(process_id), initialization_timeout=60,
+)
+
+from tests import test_loop  # noqa: E402
+from unit_scaling.train import loop  # noqa: E402
+
+assert jax.device_count() == 8 and jax.local_device_count() == 4
+batches = test_loop.Batches(shard=(jax.process_index(), jax.process_count()))
+loop.run(test_loop.config(), workdir, test_loop.make_task_factory(batches))
+jax.distributed.shutdown()

@@ -1,0 +1,62 @@
+"""Shared set-up for the data tests (imported by every tests/test_data_*.py).
+
+Tokenizers are trained once per process (conftest points the cache at a temporary
+directory of the process) on two KJV books with a 1000-piece vocabulary: small enough
+to keep the whole data suite fast.
+"""
+
+import importlib.util
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SMALL_CORPUS = "kjv:Genesis+Matthew"  # 78 chapters, 2,604 verses
+
+
+def load_config(path_and_arg: str):
+    """get_config of a config file, as `--config configs/bert.py:ARG` would load it."""
+    path, _, arg = path_and_arg.partition(":")
+    spec = importlib.util.spec_from_file_location(f"_cfg_{abs(hash(path))}", REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def small_bert_config(**data_overrides):
+    """configs/bert.py:tiny on SMALL_CORPUS, vocab 1000 (BPE), seq_len 64, batch 16."""
+    config = load_config("configs/bert.py:tiny")
+    config.data.corpus = SMALL_CORPUS
+    config.data.tokenizer = "bpe"
+    config.data.vocab_size = 1000
+    config.data.seq_len = 64
+    config.data.max_predictions_per_seq = 10
+    config.data.shuffle_window = 16
+    config.train.global_batch_size = 16
+    config.data.update(data_overrides)
+    return config
+
+
+def small_causal_config(**data_overrides):
+    """configs/causal_lm.py:tiny on SMALL_CORPUS, vocab 1000 (BPE), seq_len 64, batch 8."""
+    config = load_config("configs/causal_lm.py:tiny")
+    config.data.corpus = SMALL_CORPUS
+    config.data.vocab_size = 1000
+    config.data.seq_len = 64
+    config.data.shuffle_window = 16
+    config.data.num_packing_bins = 16
+    config.train.global_batch_size = 8
+    config.data.update(data_overrides)
+    return config
+
+
+def take(iterator, n):
+    """The next `n` batches of `iterator`, as a list."""
+    return [next(iterator) for _ in range(n)]
+
+
+def batches_equal(a, b) -> bool:
+    """Whether two lists of batches (dicts of arrays) are identical."""
+    import numpy as np
+
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+    )

@@ -398,6 +398,16 @@ def test_cross_entropy_weights_mean_over_counted_rows():
     assert np.all(np.asarray(g)[mask == 0] == 0)
 
 
+def test_cross_entropy_weighted_mean_is_exact_at_scale():
+    """The forward value is the mean itself, not rounded to the spacing of the sum."""
+    logits = normal(0, (1 << 20, 2))
+    labels = jnp.zeros((1 << 20,), jnp.int32)
+    weights = jnp.ones((1 << 20,))
+    loss = jax.jit(lambda l: U.cross_entropy(l, labels, weights=weights))(logits)
+    exact = np.mean(np.logaddexp(np.float64(logits[:, 0]), np.float64(logits[:, 1])) - np.float64(logits[:, 0]))
+    assert float(loss) == pytest.approx(exact, rel=1e-5)
+
+
 def per_row_fn(logits, labels):
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1)[:, 0]
 

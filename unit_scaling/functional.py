@@ -527,9 +527,11 @@ def _reduce_loss(loss_sum: Array, count: Array | int, reduction: str) -> Array:
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if isinstance(count, int):
         return scale_fwd(loss_sum, 1 / count)
-    # A traced count (weights): divide the value, keep the gradient of the sum.
+    # A traced count (weights): the value of the mean, the gradient of the sum.
+    # `sum - stop_gradient(sum)` is exactly 0 (unlike `sum + stop_gradient(mean - sum)`,
+    # which would round the mean to the float32 spacing of the sum).
     mean = loss_sum / jnp.maximum(count, 1)
-    return loss_sum + jax.lax.stop_gradient(mean - loss_sum)
+    return jax.lax.stop_gradient(mean) + (loss_sum - jax.lax.stop_gradient(loss_sum))
 
 
 def cross_entropy(

@@ -1,0 +1,1 @@
+"""Models: BERT (MLM+NSP, classification) and a decoder-only causal LM."""

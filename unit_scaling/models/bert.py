@@ -1,0 +1,249 @@
+"""BERT: MLM + NSP pretraining and sequence classification on one encoder.
+
+Batch fields (int32 unless noted):
+  input_ids [B, L], segment_ids [B, L] (token types 0/1), input_mask [B, L] (1 = real
+  token), masked_lm_positions [B, P], masked_lm_ids [B, P], masked_lm_weights [B, P]
+  (float or int; 0 = padding slot), next_sentence_label [B] (0 = is next, 1 = random);
+  classification: label [B].
+
+Param tree (both models; a pretraining checkpoint's `params["encoder"]` and
+`params["pooler"]` load into `BertForSequenceClassification` unchanged):
+  encoder/token_embed/embedding [V, D]         ("vocab", "embed"), role embedding
+  encoder/segment_embed/embedding [T, D]
+  encoder/position_embed/embedding [max_len, D] (position="learned" only)
+  encoder/embed_norm/{scale, bias} [D]
+  encoder/stack/layer_{i}/...  or  encoder/stack/layers/layer/... (scan_layers;
+      leading [num_layers] axis): attention/{qkv_kernel, qkv_bias, out_kernel,
+      out_bias}, mlp/{wi, wo}/{kernel, bias}, norm_0, norm_1
+  pooler/dense/{kernel [D, D], bias}           tanh pooler on [CLS]
+  nsp/{kernel [D, 2], bias}                    role output
+  mlm_dense/{kernel [D, D], bias}, mlm_norm/{scale, bias},
+  mlm_output_bias [V] (tied) or mlm_readout/{kernel [D, V], bias} (untied, role output)
+  classifier/{kernel [D, C], bias}             (classification only)
+
+Scales of the ops the reference lacks (unit/umup; derivations in the
+`Parametrization` docstrings): the summed token+segment+position embeddings are scaled
+by 3^-1/2 forward only (`sum_embeddings`); the tanh pooler by 1.593 (E[tanh(x)^2]^-1/2
+for x ~ N(0,1)); the tied readout is `linear_readout` on the table, whose gradient is
+scaled by 2^-1/2 at each of its two uses (`Embedding`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unit_scaling import nn as unn
+from unit_scaling.models.config import TransformerConfig, make_config
+from unit_scaling.nn.partitioning import constrain, make_param
+from unit_scaling.nn.positions import sinusoidal
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig(TransformerConfig):
+    """BERT hyperparameters (see `TransformerConfig` for the shared fields).
+
+    Defaults: post-norm LayerNorm (eps 1e-12 as BERT), GELU, learned positions, tied
+    MLM readout, dropout 0.1, sp init std 0.02. `type_vocab_size` segment types.
+    """
+
+    vocab_size: int = 30522
+    max_len: int = 512
+    type_vocab_size: int = 2
+    norm_epsilon: float = 1e-12
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # BERT paper / google-research/bert shapes (heads = d_model/64, mlp = 4 d_model).
+    "tiny": dict(num_layers=2, d_model=128, num_heads=2, mlp_dim=512),
+    "mini": dict(num_layers=4, d_model=256, num_heads=4, mlp_dim=1024),
+    "small": dict(num_layers=4, d_model=512, num_heads=8, mlp_dim=2048),
+    "medium": dict(num_layers=8, d_model=512, num_heads=8, mlp_dim=2048),
+    "base": dict(num_layers=12, d_model=768, num_heads=12, mlp_dim=3072),
+    "large": dict(num_layers=24, d_model=1024, num_heads=16, mlp_dim=4096),
+}
+"""Parameter counts with the defaults (vocab 30522, max_len 512, tied readout):
+tiny 4,433,468; mini 11,267,900; small 29,058,876; medium 41,668,412; base 110,106,428;
+large 336,226,108 (tested in tests/test_models.py)."""
+
+
+
+def config(preset: str, **overrides: Any) -> BertConfig:
+    """`BertConfig` of a preset in `PRESETS` with field overrides, e.g.
+    `config("base", param="umup", precision="fp8")`."""
+    return make_config(BertConfig, PRESETS, preset, **overrides)
+
+
+class BertEncoder(nn.Module):
+    """Embeddings + transformer stack: ids `[B, L]` -> hidden `[B, L, D]`."""
+
+    config: BertConfig
+
+    def setup(self):
+        c = self.config
+        kw = c.module_kwargs()
+        self.token_embed = unn.Embedding(c.vocab_size, c.d_model, tied=c.tie_embeddings,
+                                         formats=c.formats, **kw)
+        self.segment_embed = unn.Embedding(c.type_vocab_size, c.d_model, axes=(None, "embed"),
+                                           **kw)
+        if c.position == "learned":
+            self.position_embed = unn.Embedding(c.max_len, c.d_model, axes=(None, "embed"),
+                                                **kw)
+        self.embed_norm = unn.make_norm(c.norm, epsilon=c.norm_epsilon, use_bias=c.use_bias,
+                                        **kw)
+        self.embed_dropout = unn.Dropout(c.dropout, parametrization=c.parametrization)
+        self.stack = c.stack(causal=False)
+
+    def __call__(self, input_ids, segment_ids, input_mask, *, deterministic: bool):
+        c = self.config
+        batch, length = input_ids.shape
+        if length > c.max_len:
+            raise ValueError(f"sequence length {length} > max_len={c.max_len}; raise max_len")
+        p = c.parametrization
+        terms = [self.token_embed(input_ids), self.segment_embed(segment_ids)]
+        positions = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+        if c.position == "learned":
+            terms.append(self.position_embed(positions))
+        elif c.position == "sinusoidal":
+            terms.append(sinusoidal(positions, c.d_model, p.unit_scaled).astype(c.dtype))
+        x = p.sum_embeddings(*terms)
+        x = self.embed_norm(constrain(x, ("batch", "length", "embed")))
+        x = self.embed_dropout(x, deterministic)
+        return self.stack(x, mask=input_mask, positions=positions,
+                          deterministic=deterministic)
+
+    def attend(self, x: jax.Array, bias: Optional[jax.Array] = None) -> jax.Array:
+        """Tied readout `x [..., D] -> logits [..., V]` through the token table."""
+        return self.token_embed.attend(x, bias)
+
+
+class _Pooler(nn.Module):
+    """`tanh(Linear(h[:, 0]))`: `[B, L, D] -> [B, D]` (unit/umup: scaled tanh)."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, hidden):
+        c = self.config
+        cls = hidden[:, 0]
+        h = unn.Linear(c.d_model, kernel_axes=("embed", None), use_bias=True,
+                       formats=c.formats, name="dense", **c.module_kwargs())(cls)
+        return c.parametrization.tanh(h)
+
+
+def _accuracy(logits, labels, weights=None):
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    if weights is None:
+        return jnp.mean(correct)
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _check_batch(batch: dict, fields: tuple[str, ...]) -> None:
+    missing = [f for f in fields if f not in batch]
+    if missing:
+        raise ValueError(f"batch is missing field(s) {missing}; BERT needs {list(fields)}")
+
+
+PRETRAINING_FIELDS = ("input_ids", "segment_ids", "input_mask", "masked_lm_positions",
+                      "masked_lm_ids", "masked_lm_weights", "next_sentence_label")
+CLASSIFICATION_FIELDS = ("input_ids", "segment_ids", "input_mask", "label")
+
+
+class BertForPreTraining(nn.Module):
+    """MLM + NSP. `__call__(batch, *, deterministic) -> (loss, metrics)`.
+
+    loss = mlm_loss + nsp_loss (each a weighted mean cross entropy; unit/umup use
+    `U.cross_entropy` with `loss_mult`); metrics `mlm_loss, mlm_accuracy, nsp_loss,
+    nsp_accuracy` (MLM ones weighted by masked_lm_weights). The MLM head (dense ->
+    gelu -> norm -> readout) runs only on the gathered `masked_lm_positions`
+    `[B, P]`. Dropout uses the "dropout" rng collection.
+    """
+
+    config: BertConfig
+
+    def setup(self):
+        c = self.config
+        kw = c.module_kwargs()
+        self.encoder = BertEncoder(c)
+        self.pooler = _Pooler(c)
+        self.nsp = unn.LinearReadout(2, kernel_axes=("embed", None), formats=c.formats, **kw)
+        self.mlm_dense = unn.Linear(c.d_model, kernel_axes=("embed", None), formats=c.formats,
+                                    name="mlm_dense", **kw)
+        self.mlm_norm = unn.make_norm(c.norm, epsilon=c.norm_epsilon, use_bias=c.use_bias,
+                                      name="mlm_norm", **kw)
+        if c.tie_embeddings:
+            self.mlm_output_bias = make_param(self, "mlm_output_bias", nn.initializers.zeros,
+                                              (c.vocab_size,), ("vocab",), "bias", None,
+                                              c.jnp_param_dtype)
+        else:
+            self.mlm_readout = unn.LinearReadout(c.vocab_size, formats=c.formats,
+                                                 name="mlm_readout", **kw)
+
+    def mlm_logits(self, hidden: jax.Array, positions: jax.Array) -> jax.Array:
+        """Logits `[B, P, V]` (float32) at `positions [B, P]` of `hidden [B, L, D]`."""
+        c = self.config
+        h = jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
+        h = self.mlm_norm(c.parametrization.gelu(self.mlm_dense(h)))
+        if c.tie_embeddings:
+            logits = self.encoder.attend(h, self.mlm_output_bias.astype(c.dtype))
+        else:
+            logits = self.mlm_readout(h)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, batch: dict, *, deterministic: bool):
+        _check_batch(batch, PRETRAINING_FIELDS)
+        c = self.config
+        p = c.parametrization
+        hidden = self.encoder(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
+                              deterministic=deterministic)
+        mlm_logits = self.mlm_logits(hidden, batch["masked_lm_positions"])
+        weights = batch["masked_lm_weights"].astype(jnp.float32)
+        mlm_loss = p.cross_entropy(mlm_logits, batch["masked_lm_ids"], weights)
+        nsp_logits = self.nsp(self.pooler(hidden)).astype(jnp.float32)
+        nsp_labels = batch["next_sentence_label"].reshape(-1)
+        nsp_loss = p.cross_entropy(nsp_logits, nsp_labels)
+        metrics = dict(
+            mlm_loss=mlm_loss,
+            mlm_accuracy=_accuracy(mlm_logits, batch["masked_lm_ids"], weights),
+            nsp_loss=nsp_loss,
+            nsp_accuracy=_accuracy(nsp_logits, nsp_labels),
+        )
+        return mlm_loss + nsp_loss, metrics
+
+
+class BertForSequenceClassification(nn.Module):
+    """Classification on the pooled [CLS]: `__call__(batch, *, deterministic) ->
+    (loss, {"loss", "accuracy"})` on input_ids, segment_ids, input_mask, label [B].
+    Shares `encoder` and `pooler` with `BertForPreTraining`; adds `classifier`
+    (`LinearReadout(num_classes)`, dropout before it)."""
+
+    config: BertConfig
+    num_classes: int = 2
+
+    def setup(self):
+        c = self.config
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        self.encoder = BertEncoder(c)
+        self.pooler = _Pooler(c)
+        self.dropout = unn.Dropout(c.dropout, parametrization=c.parametrization)
+        self.classifier = unn.LinearReadout(self.num_classes, kernel_axes=("embed", None),
+                                            formats=c.formats, **c.module_kwargs())
+
+    def logits(self, batch: dict, *, deterministic: bool) -> jax.Array:
+        hidden = self.encoder(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
+                              deterministic=deterministic)
+        pooled = self.dropout(self.pooler(hidden), deterministic)
+        return self.classifier(pooled).astype(jnp.float32)
+
+    def __call__(self, batch: dict, *, deterministic: bool):
+        _check_batch(batch, CLASSIFICATION_FIELDS)
+        logits = self.logits(batch, deterministic=deterministic)
+        labels = batch["label"].reshape(-1)
+        loss = self.config.parametrization.cross_entropy(logits, labels)
+        return loss, dict(loss=loss, accuracy=_accuracy(logits, labels))

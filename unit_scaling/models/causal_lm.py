@@ -1,0 +1,221 @@
+"""Decoder-only causal language model with packed-sequence loss and KV-cache generation.
+
+Batch fields (int32 unless noted): input_ids [B, L], targets [B, L] (next tokens),
+segment_ids [B, L] (packed document ids, 0 = padding), positions [B, L] (position of
+each token within its document), weights [B, L] (float or int loss mask; 0 where the
+target would cross a document boundary, or is padding).
+
+Attention is causal and restricted to the token's own segment, so a document never
+sees another; with RoPE the `positions` restart at every document.
+
+Param tree: token_embed/embedding [V, D]; position_embed/embedding (position="learned");
+stack/layer_{i}/... (or stack/layers/layer/... with scan_layers; see
+`unit_scaling.nn.TransformerStack`), stack/final_norm/scale; readout/kernel [D, V]
+(untied, role output) or the tied table.
+
+u-μP attention scale: the stack passes `scale_seq_len = max_len` to the attention, so
+the (static) output scale is the same for a full forward and for cached decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unit_scaling import nn as unn
+from unit_scaling.models.config import TransformerConfig, make_config
+from unit_scaling.models.sampling import sample_logits
+from unit_scaling.nn.partitioning import constrain
+from unit_scaling.nn.positions import sinusoidal
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLMConfig(TransformerConfig):
+    """Causal-LM hyperparameters (shared fields: `TransformerConfig`).
+
+    Defaults: pre-norm RMSNorm, RoPE, SwiGLU, no biases, untied readout, no dropout.
+    """
+
+    vocab_size: int = 50304
+    max_len: int = 1024
+    activation: str = "swiglu"
+    norm: str = "rms_norm"
+    norm_position: str = "pre"
+    position: str = "rope"
+    use_bias: bool = False
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(num_layers=2, d_model=128, num_heads=4, mlp_dim=384, max_len=256),
+    # GPT-3 paper shapes (layers x d_model, heads); SwiGLU hidden ~ 8/3 d_model rounded
+    # up to a multiple of 256, so the MLP has about the parameters of a 4 d GELU MLP.
+    "125m": dict(num_layers=12, d_model=768, num_heads=12, mlp_dim=2048),
+    "350m": dict(num_layers=24, d_model=1024, num_heads=16, mlp_dim=2816),
+    "760m": dict(num_layers=24, d_model=1536, num_heads=16, mlp_dim=4096),
+    "1.3b": dict(num_layers=24, d_model=2048, num_heads=16, mlp_dim=5632),
+}
+"""Parameter counts with the defaults (vocab 50304, untied readout, no biases; the
+embedding and readout, 2*V*D, included): tiny 13,304,448; 125m 162,220,800;
+350m 411,354,112; 760m 834,086,400; 1.3b 1,439,270,912 (tested)."""
+
+
+
+def config(preset: str, **overrides: Any) -> CausalLMConfig:
+    """`CausalLMConfig` of a preset in `PRESETS` with field overrides, e.g.
+    `config("base", param="umup", precision="fp8")`."""
+    return make_config(CausalLMConfig, PRESETS, preset, **overrides)
+
+
+class CausalLM(nn.Module):
+    """`__call__(batch, *, deterministic) -> (loss, {"loss", "accuracy"})`.
+
+    `logits(input_ids, *, segment_ids=None, positions=None, deterministic=True)` ->
+    `[B, L, V]` float32. `decode=True` (set by `generate`) keeps a KV cache in the
+    "cache" collection.
+    """
+
+    config: CausalLMConfig
+    decode: bool = False
+
+    def setup(self):
+        c = self.config
+        kw = c.module_kwargs()
+        self.token_embed = unn.Embedding(c.vocab_size, c.d_model, tied=c.tie_embeddings,
+                                         formats=c.formats, **kw)
+        if c.position == "learned":
+            self.position_embed = unn.Embedding(c.max_len, c.d_model, axes=(None, "embed"),
+                                                **kw)
+        self.embed_dropout = unn.Dropout(c.dropout, parametrization=c.parametrization)
+        self.stack = c.stack(causal=True, decode=self.decode)
+        if not c.tie_embeddings:
+            self.readout = unn.LinearReadout(c.vocab_size, use_bias=False,
+                                             formats=c.formats, **kw)
+
+    def logits(
+        self,
+        input_ids: jax.Array,
+        *,
+        segment_ids: Optional[jax.Array] = None,
+        positions: Optional[jax.Array] = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        c = self.config
+        p = c.parametrization
+        batch, length = input_ids.shape
+        if length > c.max_len:
+            raise ValueError(f"sequence length {length} > max_len={c.max_len}; raise max_len")
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+        terms = [self.token_embed(input_ids)]
+        if c.position == "learned":
+            terms.append(self.position_embed(positions))
+        elif c.position == "sinusoidal":
+            terms.append(sinusoidal(positions, c.d_model, p.unit_scaled).astype(c.dtype))
+        x = constrain(p.sum_embeddings(*terms), ("batch", "length", "embed"))
+        x = self.embed_dropout(x, deterministic)
+        x = self.stack(x, segment_ids=segment_ids, positions=positions,
+                       deterministic=deterministic)
+        if c.tie_embeddings:
+            logits = self.token_embed.attend(x)
+        else:
+            logits = self.readout(x)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def __call__(self, batch: dict, *, deterministic: bool):
+        fields = ("input_ids", "targets", "segment_ids", "positions", "weights")
+        missing = [f for f in fields if f not in batch]
+        if missing:
+            raise ValueError(f"batch is missing field(s) {missing}; CausalLM needs {list(fields)}")
+        logits = self.logits(batch["input_ids"], segment_ids=batch["segment_ids"],
+                             positions=batch["positions"], deterministic=deterministic)
+        weights = batch["weights"].astype(jnp.float32)
+        loss = self.config.parametrization.cross_entropy(logits, batch["targets"], weights)
+        correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+        accuracy = jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        return loss, dict(loss=loss, accuracy=accuracy)
+
+
+def generate(
+    model: CausalLM,
+    params: Any,
+    prompt_ids: jax.Array,
+    max_new_tokens: int,
+    rng: jax.Array,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    use_cache: bool = True,
+) -> jax.Array:
+    """Samples `max_new_tokens` after `prompt_ids [B, P]` (all rows the same length);
+    returns the new tokens `[B, max_new_tokens]` (int32).
+
+    `params`: the model's "params" collection (boxed or unboxed). temperature 0 is
+    greedy. `use_cache=True` prefills the KV cache with the prompt in one call, then
+    feeds one token per step (a `lax.scan`); `use_cache=False` recomputes the full
+    causal forward over a fixed `[B, P + max_new_tokens]` buffer each step (a
+    reference for tests; same result because the attention scale uses `max_len`).
+    Requires `P + max_new_tokens <= max_len` and no dropout at decode time.
+    """
+    c = model.config
+    batch, prompt_len = prompt_ids.shape
+    total = prompt_len + max_new_tokens
+    if total > c.max_len:
+        raise ValueError(
+            f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) > max_len={c.max_len}"
+        )
+    params = nn.unbox(params)
+    prompt_ids = prompt_ids.astype(jnp.int32)
+    rngs = jax.random.split(rng, max_new_tokens)
+
+    def pick(logits, key):
+        return sample_logits(logits, key, temperature, top_k, top_p)
+
+    if not use_cache:
+        tokens = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(prompt_ids)
+
+        def step(tokens, xs):
+            t, key = xs
+            logits = model.apply({"params": params}, tokens, method=CausalLM.logits)
+            last = jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False)
+            nxt = pick(last, key)
+            return jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, t)), nxt
+
+        steps = jnp.arange(prompt_len, total)
+        _, new = jax.lax.scan(step, tokens, (steps, rngs))
+        return new.T
+
+    decoder = model.clone(decode=True)
+    shapes = jax.eval_shape(
+        lambda: decoder.init(jax.random.key(0), prompt_ids[:, :1], method=CausalLM.logits)
+    )
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes["cache"]))
+
+    def run(cache, ids, start):
+        pos = start + jnp.arange(ids.shape[1])[None]
+        pos = jnp.broadcast_to(pos, ids.shape)
+        logits, mutated = decoder.apply({"params": params, "cache": cache}, ids,
+                                        positions=pos, method=CausalLM.logits,
+                                        mutable=["cache"])
+        return logits[:, -1], mutated["cache"]
+
+    last, cache = run(cache, prompt_ids, 0)
+    first = pick(last, rngs[0])
+
+    def step(carry, xs):
+        cache, tok = carry
+        t, key = xs
+        logits, cache = run(cache, tok[:, None], t)
+        nxt = pick(logits, key)
+        return (cache, nxt), nxt
+
+    steps = jnp.arange(prompt_len, total - 1)
+    _, rest = jax.lax.scan(step, (cache, first), (steps, rngs[1:]))
+    return jnp.concatenate([first[:, None], rest.T], axis=1)

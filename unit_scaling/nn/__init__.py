@@ -1,0 +1,22 @@
+"""Flax linen modules built from `unit_scaling.functional` via a `Parametrization`.
+
+Every module has `parametrization`, `dtype` (compute) and `param_dtype` fields, creates
+its parameters as `ScaledParam` boxes (logical axis names + u-μP role + depth) and
+constrains its key activations with logical names (see `partitioning.DEFAULT_RULES`).
+"""
+
+from unit_scaling.nn.attention import MultiHeadAttention
+from unit_scaling.nn.dropout import Dropout
+from unit_scaling.nn.embedding import Embedding
+from unit_scaling.nn.linear import Linear, LinearReadout
+from unit_scaling.nn.mlp import MLP
+from unit_scaling.nn.norm import LayerNorm, RMSNorm, make_norm
+from unit_scaling.nn.partitioning import DEFAULT_RULES, constrain, make_param
+from unit_scaling.nn.positions import apply_rope, sinusoidal
+from unit_scaling.nn.transformer import REMAT_POLICIES, TransformerLayer, TransformerStack
+
+__all__ = [
+    "DEFAULT_RULES", "Dropout", "Embedding", "LayerNorm", "Linear", "LinearReadout", "MLP",
+    "MultiHeadAttention", "REMAT_POLICIES", "RMSNorm", "TransformerLayer",
+    "TransformerStack", "apply_rope", "constrain", "make_norm", "make_param", "sinusoidal",
+]

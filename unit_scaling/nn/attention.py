@@ -1,0 +1,158 @@
+"""Multi-head self-attention with a fused QKV projection and an optional KV cache."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from unit_scaling.formats import FormatPolicy
+from unit_scaling.nn.linear import DEFAULT_PARAMETRIZATION
+from unit_scaling.nn.partitioning import constrain, make_param
+from unit_scaling.nn.positions import apply_rope
+from unit_scaling.parametrization import Parametrization
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention on x `[batch, len, d]` -> `[batch, len, d]`.
+
+    Params: `qkv_kernel` `[d, heads, 3, head_dim]` ("embed", "heads", None, "kv") and
+    `qkv_bias` `[heads, 3, head_dim]`; `out_kernel` `[heads, head_dim, d]`
+    ("heads", "kv", "embed") and `out_bias` `[d]`. Kernels role "weight". The fused
+    kernel keeps `heads` as the major axis of the merged `heads*3*head_dim` matmul
+    dim, so tensor-sharding over heads survives the reshape.
+
+    Scales (unit/umup): each projection is `Parametrization.linear` (fan_in
+    d resp. heads*head_dim); attention is `Parametrization.attention` (temperature
+    `attention_mult/head_dim`, output scaled to unit RMS with the length `max_len`
+    when `scale_seq_len_from_max_len`, which makes cached decoding agree with the
+    full forward).
+
+    Masks: `mask` a boolean key-padding mask `[batch, len]` (True = real token),
+    `causal`, `segment_ids` `[batch, len]` (packed documents), positions for RoPE
+    `[batch, len]`.
+
+    Decoding (`decode=True`): keys/values are written into the "cache" collection
+    (`cached_key`, `cached_value` `[batch, max_len, heads, head_dim]`, `cache_index`)
+    at `cache_index`, and queries attend to cached positions `<= their own`. The first
+    call (when the cache does not exist yet, e.g. under `init`) just creates it.
+    `high_precision_out`: the output projection ignores `formats` (u-μP critical
+    matmul).
+    """
+
+    num_heads: int
+    causal: bool = False
+    rope: bool = False
+    rope_base: float = 10000.0
+    max_len: Optional[int] = None
+    scale_seq_len_from_max_len: bool = False
+    dropout_rate: float = 0.0
+    use_bias: bool = True
+    decode: bool = False
+    high_precision_out: bool = False
+    attention_formats: Optional[FormatPolicy] = None
+    parametrization: Parametrization = DEFAULT_PARAMETRIZATION
+    formats: Optional[FormatPolicy] = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    depth: Optional[int] = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        mask: Optional[jax.Array] = None,
+        segment_ids: Optional[jax.Array] = None,
+        positions: Optional[jax.Array] = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        p = self.parametrization
+        batch, length, d = x.shape
+        if d % self.num_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must divide d_model={d}; change num_heads "
+                "or d_model"
+            )
+        h, dh = self.num_heads, d // self.num_heads
+        x = x.astype(self.dtype)
+
+        qkv_kernel = make_param(self, "qkv_kernel", p.kernel_init(d), (d, h, 3, dh),
+                                ("embed", "heads", None, "kv"), "weight", self.depth,
+                                self.param_dtype, fan_in=d)
+        qkv_bias = None
+        if self.use_bias:
+            qkv_bias = make_param(self, "qkv_bias", nn.initializers.zeros, (h, 3, dh),
+                                  ("heads", None, "kv"), "bias", self.depth,
+                                  self.param_dtype).astype(self.dtype).reshape(-1)
+        qkv = p.linear(x, qkv_kernel.astype(self.dtype).reshape(d, h * 3 * dh), qkv_bias,
+                       self.formats)
+        qkv = checkpoint_name(qkv, "qkv_proj").reshape(batch, length, h, 3, dh)
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+        q = constrain(q, ("batch", "length", "heads", "kv"))
+        k = constrain(k, ("batch", "length", "heads", "kv"))
+        v = constrain(v, ("batch", "length", "heads", "kv"))
+        if self.rope:
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(length)[None], (batch, length))
+            q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
+
+        scale_seq_len = self.max_len if self.scale_seq_len_from_max_len else None
+        key_mask = None if mask is None else mask.astype(bool)[:, None, None, :]
+        if self.decode:
+            k, v, key_mask, segment_ids = self._update_cache(k, v, key_mask, segment_ids)
+
+        dropout_key = None
+        if self.dropout_rate > 0.0 and not deterministic:
+            dropout_key = self.make_rng("dropout")
+        out = p.attention(
+            q, k, v, mask=key_mask, causal=self.causal, segment_ids=segment_ids,
+            dropout_rate=self.dropout_rate, dropout_key=dropout_key,
+            deterministic=deterministic, scale_seq_len=scale_seq_len,
+            formats=self.attention_formats,
+        )
+        out = constrain(out, ("batch", "length", "heads", "kv"))
+
+        out_kernel = make_param(self, "out_kernel", p.kernel_init(h * dh), (h, dh, d),
+                                ("heads", "kv", "embed"), "weight", self.depth,
+                                self.param_dtype)
+        out_bias = None
+        if self.use_bias:
+            out_bias = make_param(self, "out_bias", nn.initializers.zeros, (d,), ("embed",),
+                                  "bias", self.depth, self.param_dtype).astype(self.dtype)
+        y = p.linear(out.reshape(batch, length, h * dh),
+                     out_kernel.astype(self.dtype).reshape(h * dh, d), out_bias,
+                     None if self.high_precision_out else self.formats)
+        y = checkpoint_name(y, "attn_out")
+        return constrain(y, ("batch", "length", "embed"))
+
+    def _update_cache(self, k, v, key_mask, segment_ids):
+        """Writes k, v at `cache_index` and returns the full cache and its mask."""
+        if self.max_len is None:
+            raise ValueError("decode=True needs max_len (the KV cache length)")
+        if segment_ids is not None:
+            raise ValueError("decode=True does not support segment_ids (one sequence per row)")
+        batch, length, h, dh = k.shape
+        initialised = self.has_variable("cache", "cached_key")
+        cached_k = self.variable("cache", "cached_key", jnp.zeros,
+                                 (batch, self.max_len, h, dh), k.dtype)
+        cached_v = self.variable("cache", "cached_value", jnp.zeros,
+                                 (batch, self.max_len, h, dh), v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if not initialised:
+            return k, v, key_mask, segment_ids
+        i = index.value
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
+        index.value = i + length
+        # Query j (at position i + j) sees cache slots <= i + j; with causal=True the
+        # end-aligned causal mask is a superset of this one, so the attention scale is
+        # that of causal training.
+        visible = jnp.arange(self.max_len)[None, :] <= (i + jnp.arange(length))[:, None]
+        cache_mask = visible[None, None]
+        if key_mask is not None:
+            raise ValueError("decode=True does not support a padding mask")
+        return cached_k.value, cached_v.value, cache_mask, None

@@ -1,0 +1,77 @@
+"""LayerNorm and RMSNorm over the last axis (statistics in float32)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unit_scaling.nn.linear import DEFAULT_PARAMETRIZATION
+from unit_scaling.nn.partitioning import make_param
+from unit_scaling.parametrization import Parametrization
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm of x `[..., d]` -> `[..., d]` in the compute dtype.
+
+    Gain `scale` `[d]` (init 1, role "norm") and `bias` `[d]` (init 0, role "bias"),
+    each optional. Forward is plain (normalised outputs are unit-scaled already);
+    unit/umup scale the gain/bias gradients by batch^-1/2.
+    """
+
+    epsilon: float = 1e-6
+    use_scale: bool = True
+    use_bias: bool = True
+    axis_name: Optional[str] = "embed"
+    parametrization: Parametrization = DEFAULT_PARAMETRIZATION
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    depth: Optional[int] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = bias = None
+        if self.use_scale:
+            scale = make_param(self, "scale", nn.initializers.ones, (d,), (self.axis_name,),
+                               "norm", self.depth, self.param_dtype)
+        if self.use_bias:
+            bias = make_param(self, "bias", nn.initializers.zeros, (d,), (self.axis_name,),
+                              "bias", self.depth, self.param_dtype)
+        return self.parametrization.layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm of x `[..., d]`: `x / rms(x) * scale`, gain optional (`use_scale`).
+
+    Gain `scale` `[d]` (init 1, role "norm"); unit/umup scale its gradient by
+    batch^-1/2.
+    """
+
+    epsilon: float = 1e-6
+    use_scale: bool = True
+    axis_name: Optional[str] = "embed"
+    parametrization: Parametrization = DEFAULT_PARAMETRIZATION
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    depth: Optional[int] = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = None
+        if self.use_scale:
+            scale = make_param(self, "scale", nn.initializers.ones, (x.shape[-1],),
+                               (self.axis_name,), "norm", self.depth, self.param_dtype)
+        return self.parametrization.rms_norm(x.astype(self.dtype), scale, self.epsilon)
+
+
+def make_norm(kind: str, **kwargs: Any) -> nn.Module:
+    """"layer_norm" -> LayerNorm, "rms_norm" -> RMSNorm (ValueError otherwise)."""
+    if kind == "layer_norm":
+        return LayerNorm(**kwargs)
+    if kind == "rms_norm":
+        kwargs.pop("use_bias", None)
+        return RMSNorm(**kwargs)
+    raise ValueError(f"norm={kind!r} is unknown; set norm to 'layer_norm' or 'rms_norm'")

@@ -1,15 +1,24 @@
-"""Helpers shared by the config files: parsing the `get_config(arg)` string.
+"""Helpers shared by the config files: parsing the `get_config(arg)` string, and the
+sections every config has (`data` basics, `model`, `train`, `mesh`).
 
 A config is chosen on the command line as `--config configs/bert.py:ARG`, where ARG
-is a comma list such as `tiny` or `base,seed=3,corpus=kjv:nt` (big_vision style);
-single fields are then overridden with `--config.data.seq_len=64`.
+is a comma list such as `tiny` or `base,param=umup,precision=fp8` (big_vision style);
+single fields are then overridden with `--config.train.lr=0.01`.
+
+Top-level fields: `seed`, `param` ("sp" | "unit" | "umup"), `precision` ("fp32" |
+"bf16" | "fp16" | "fp8"), `size` (the preset), `init_from` (fine-tuning).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import ml_collections
+
+# Fields of a model's dataclass that live elsewhere in the config: `param` and
+# `precision` at the top, `vocab_size` in `data`.
+_NOT_IN_MODEL_SECTION = ("param", "precision", "vocab_size")
 
 _TRUE = ("1", "true", "yes", "y", "on")
 _FALSE = ("0", "false", "no", "n", "off")
@@ -93,3 +102,92 @@ def _convert(key: str, raw: str, default: Any) -> Any:
             f"default {default!r}."
         ) from None
     return raw
+
+
+def corpus_config(objective: str, corpus: str, vocab_size: int, seq_len: int,
+                  tokenizer: str) -> ml_collections.ConfigDict:
+    """The `config.data` fields every pretraining config has."""
+    data = ml_collections.ConfigDict()
+    data.objective = objective
+    # "kjv" | "kjv:BOOK+BOOK" | "text:GLOB" | "tfds:NAME[/CONFIG][:SPLIT]"
+    data.corpus = corpus
+    data.tfds_data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    data.tokenizer = tokenizer  # "unigram" | "bpe" (sentencepiece)
+    data.tokenizer_path = ""  # "" = train on the corpus once and cache
+    data.tokenizer_sample_size = 1_000_000  # sentences the tokenizer is trained on
+    data.vocab_size = vocab_size
+    data.seq_len = seq_len
+    data.eval_fraction = 0.02  # documents held out for eval (by a fixed hash)
+    data.eval_split = ""  # tfds corpora: a separate split for eval instead
+    data.shuffle_window = 64  # documents whose examples are shuffled together
+    data.num_workers = 0  # > 0: grain worker processes
+    data.prefetch = 2  # batches prepared ahead by a background thread
+    return data
+
+
+def model_config(model_cls: type, **fields: Any) -> ml_collections.ConfigDict:
+    """`config.model`: every field of the model's config dataclass (its defaults,
+    updated by `fields`), except `param`, `precision` and `vocab_size`."""
+    model = ml_collections.ConfigDict()
+    for f in dataclasses.fields(model_cls):
+        if f.name not in _NOT_IN_MODEL_SECTION:
+            model[f.name] = fields.pop(f.name, f.default)
+    if fields:
+        raise ValueError(f"{model_cls.__name__} has no fields {sorted(fields)}")
+    return model
+
+
+def train_config(**fields: Any) -> ml_collections.ConfigDict:
+    """`config.train` with every field the trainer reads (0 turns an `*_every` off)."""
+    train = ml_collections.ConfigDict(dict(
+        steps=1000,
+        global_batch_size=32,
+        optimizer="adamw",  # "adamw" | "lamb" | "sgd"
+        lr=1e-3,
+        warmup_steps=100,
+        schedule="linear",  # "linear" | "cosine" | "constant" after warmup
+        final_lr_fraction=0.0,
+        weight_decay=0.01,  # sp/unit: decoupled (x lr); umup: independent (x lr/peak lr)
+        grad_clip=1.0,  # global norm; 0 = off
+        grad_accum=1,  # micro-batches per update (global_batch_size is the update's)
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        momentum=0.9,  # sgd
+        loss_scale="none",  # "none" | "static" | "dynamic" (the SP fp16/fp8 baselines)
+        loss_scale_value=2.0**15,
+        loss_scale_period=2000,
+        log_every=50,
+        eval_every=500,
+        eval_batches=20,
+        checkpoint_every=500,
+        keep_checkpoints=2,
+        rms_every=0,  # per-tensor RMS of params, grads and updates every N steps
+        profile_start=0,  # a profiler trace of profile_steps steps from this step
+        profile_steps=5,
+    ))
+    for key, value in fields.items():
+        if key not in train:
+            raise ValueError(f"config.train has no field {key!r}")
+        train[key] = value
+    return train
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    """`config.mesh`: axis sizes (one may be -1: the remaining devices) and the
+    logical-axis rules that map parameter and activation axes onto them."""
+    from unit_scaling.nn.partitioning import DEFAULT_RULES
+
+    return ml_collections.ConfigDict(dict(
+        data=-1, fsdp=1, tensor=1,
+        rules=[[name, list(axes) if isinstance(axes, tuple) else axes]
+               for name, axes in DEFAULT_RULES],
+    ))
+
+
+def top_level(config: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -> None:
+    """Sets `size, seed, param, precision` from the parsed argument."""
+    config.size = args.size
+    config.seed = args.seed
+    config.param = args.param
+    config.precision = args.precision

@@ -59,7 +59,7 @@ def make_task_factory(batches):
         return loop.Task(
             model=Toy(), train_batches=batches, eval_batches=None,
             get_data_state=batches.get_state, set_data_state=batches.set_state,
-            optimizer_parts=lambda cfg: {}, flops_per_step=1e6, tokens_per_batch=16,
+            optimizer_parts=lambda params: {}, flops_per_step=1e6, tokens_per_batch=16,
         )
     return make_task
 

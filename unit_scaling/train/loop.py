@@ -51,9 +51,14 @@ class Task:
     train_batches / eval_batches: per-process iterators of numpy batch dicts
       (`eval_batches` is a factory: a fresh iterator for each evaluation).
     data_state: (get_state, set_state) of the train iterator, for checkpoints.
-    optimizer_parts: kwargs for `optimizer.make_optimizer` (u-μP lr factors, decay).
+    optimizer_parts: abstract boxed params -> kwargs for `optimizer.make_optimizer`
+      (u-μP lr factors, decay).
     flops_per_step: model FLOPs of one optimizer step, or None.
     tokens_per_batch: tokens in one global batch (for tokens/s).
+    fp8: the matmuls run in real FP8 (for the peak FLOP/s of MFU).
+    init_params: params -> params, applied to a new run (not a resumed one), e.g. to
+      load a pretrained encoder.
+    close: releases the data iterators.
     """
 
     model: nn.Module
@@ -65,6 +70,8 @@ class Task:
     flops_per_step: Optional[float]
     tokens_per_batch: int
     fp8: bool = False
+    init_params: Optional[Callable[[Any], Any]] = None
+    close: Callable[[], None] = lambda: None
 
 
 def state_shardings(abstract_boxed_state: Any, mesh, rules) -> Any:
@@ -106,17 +113,14 @@ def run(config, workdir: str, make_task: Callable[[Any], Task]) -> dict:
     micro_batch = train.global_batch_size // train.grad_accum
     mesh_lib.check_batch_size(micro_batch, mesh, "config.train.global_batch_size / grad_accum")
     task = make_task(config)
-    tx = optimizer_lib.make_optimizer(train, **task.optimizer_parts(config))
     schedule = optimizer_lib.learning_rate_schedule(train)
     loss_scale = optimizer_lib.make_loss_scale(train)
     batch_sharding = mesh_lib.batch_sharding(mesh)
 
     first = next(task.train_batches)
     example = global_batch(first, batch_sharding)
-    init = functools.partial(step_lib.init_state, task.model, tx, loss_scale, seed=config.seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(functools.partial(_init_boxed, task.model, tx, loss_scale, config.seed), example)
-        shardings = state_shardings(abstract, mesh, rules)
+        tx, init, shardings = plan_state(task, train, loss_scale, mesh, rules, example, config.seed)
         state = jax.jit(init, out_shardings=shardings)(example)
         train_step = jax.jit(
             step_lib.make_train_step(task.model, tx, schedule),
@@ -140,6 +144,8 @@ def run(config, workdir: str, make_task: Callable[[Any], Task]) -> dict:
         task.set_data_state(data_state)
         pending = []
         logging.info("resumed from %s at step %d", ckpt.directory, start)
+    elif task.init_params is not None:
+        state = state.replace(params=jax.device_put(task.init_params(state.params), shardings.params))
 
     writer = metrics_lib.MetricWriter(workdir)
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, fp8=task.fp8)
@@ -184,6 +190,7 @@ def run(config, workdir: str, make_task: Callable[[Any], Task]) -> dict:
         progress.close()
         ckpt.close()
         writer.close()
+        task.close()
     return last
 
 
@@ -195,6 +202,19 @@ def _maybe_profile(train, step: int, workdir: str) -> None:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
     elif step == train.profile_start + train.profile_steps:
         jax.profiler.stop_trace()
+
+
+def plan_state(task: Task, train, loss_scale, mesh, rules, example: dict, seed: int):
+    """`(tx, init, shardings)`: the optimizer (its u-μP parts need the abstract
+    params), `init(batch) -> TrainState`, and the state's shardings on `mesh` from the
+    parameters' logical axes. Call under `jax.set_mesh(mesh)` and the rules."""
+    abstract_params = jax.eval_shape(
+        lambda b: task.model.init({"params": jax.random.key(0)}, b, deterministic=True)["params"],
+        example)
+    tx = optimizer_lib.make_optimizer(train, **task.optimizer_parts(abstract_params))
+    abstract = jax.eval_shape(functools.partial(_init_boxed, task.model, tx, loss_scale, seed), example)
+    init = functools.partial(step_lib.init_state, task.model, tx, loss_scale, seed=seed)
+    return tx, init, state_shardings(abstract, mesh, rules)
 
 
 def _init_boxed(model, tx, loss_scale, seed, batch):
@@ -218,14 +238,17 @@ def _perf(step_s: float, task: Task, peak: Optional[float]) -> dict:
 
 
 def _evaluate(eval_step, params, task: Task, sharding, train) -> dict:
+    """Means of the eval metrics over `train.eval_batches` batches (or one pass)."""
     totals: dict = {}
     batches = 0
-    for local in task.eval_batches():
+    iterator = task.eval_batches()
+    for local in iterator:
         if batches == train.eval_batches:
             break
         for k, v in jax.device_get(eval_step(params, global_batch(local, sharding))).items():
             totals[k] = totals.get(k, 0.0) + float(v)
         batches += 1
+    getattr(iterator, "close", lambda: None)()
     return {k: v / max(batches, 1) for k, v in totals.items()}
 
 

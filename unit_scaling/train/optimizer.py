@@ -2,10 +2,10 @@
 cosine decay, global-norm clipping, gradient accumulation, and loss scaling for the
 standard-parametrization baselines in FP16/FP8.
 
-The chain is `clip -> scale_by_{adam|lamb|sgd} -> per-tensor lr factors -> weight decay
--> learning rate`, so that the u-μP per-tensor rule (`unit_scaling.optim`) multiplies
-the normalised update before the global learning rate, and independent weight decay
-(u-μP) is not multiplied by either.
+The chain is `clip -> scale_by_{adam|lamb|sgd} -> per-tensor lr factors -> decoupled
+decay -> [trust ratio] -> learning rate -> independent decay`: the u-μP per-tensor rule
+(`unit_scaling.optim`) multiplies the normalised update before the global learning
+rate, and u-μP's independent weight decay comes last, so that neither multiplies it.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ def make_optimizer(
       train: `config.train` with `optimizer, lr, schedule, warmup_steps, steps,
         weight_decay, grad_clip, grad_accum, b1, b2, eps, momentum`.
       per_tensor_lr: the parametrization's per-tensor lr factors (u-μP), or None.
-      weight_decay: a transformation that adds the decay term itself (u-μP's
-        independent decay); None uses decoupled decay `train.weight_decay * lr`.
+      weight_decay: a transformation that adds the decay term itself after the
+        learning rate (u-μP's independent decay); None uses decoupled decay
+        `train.weight_decay * lr * p`.
       decay_mask: for decoupled decay, a function `params -> bool tree` (True where
         decayed: weights, not biases and norms).
     """
@@ -80,13 +81,13 @@ def make_optimizer(
         parts.append(optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps))
     if per_tensor_lr is not None:
         parts.append(per_tensor_lr)
-    if weight_decay is not None:
-        parts.append(weight_decay)
-    elif train.weight_decay > 0:
+    if weight_decay is None and train.weight_decay > 0:
         parts.append(optax.add_decayed_weights(train.weight_decay, mask=decay_mask))
     if train.optimizer == "lamb":
         parts.append(optax.scale_by_trust_ratio())
     parts.append(optax.scale_by_learning_rate(schedule))
+    if weight_decay is not None:
+        parts.append(weight_decay)
     tx = optax.chain(*parts)
     if train.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=train.grad_accum)

@@ -1,0 +1,45 @@
+r"""Pretrain or fine-tune a unit-scaled model.
+
+  python train.py --config configs/bert.py:tiny --workdir runs/bert-tiny
+  python train.py --config configs/causal_lm.py:125m,param=umup,precision=fp8 \
+      --workdir runs/lm-125m --config.train.lr=0.03
+  python train.py --config configs/finetune.py:kjv --config.init_from=runs/bert-tiny \
+      --workdir runs/bert-tiny-kjv
+
+Multi-host (TPU pod slice, multi-node GPU): run the same command on every host with
+--multihost; JAX finds the coordinator on TPU, SLURM and Open MPI, otherwise pass
+--coordinator_address, --num_processes and --process_id. Rerunning a command resumes
+from the latest checkpoint in its --workdir.
+"""
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here.")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize().")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _MULTIHOST.value:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from unit_scaling.train import loop, tasks  # after jax.distributed.initialize
+
+    logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
+    final = loop.run(_CONFIG.value, _WORKDIR.value, tasks.make_task)
+    if jax.process_index() == 0:
+        summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items()) if "/" in k and not k.startswith("rms/"))
+        print(f"final: {summary}")
+        print(f"TensorBoard: tensorboard --logdir {_WORKDIR.value}/tensorboard")
+        print(f"metrics: {_WORKDIR.value}/metrics.jsonl; checkpoints: {_WORKDIR.value}/checkpoints")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,185 @@
+"""From a config to what the loop trains: model, data, optimizer parts, FLOPs.
+
+`config.data.objective` picks the task: "mlm_nsp" (`BertForPreTraining`),
+"causal_lm" (`CausalLM`) or "classification" (`BertForSequenceClassification` on a
+fine-tuning task, optionally initialised from a pretraining run's encoder).
+Everything that can be wrong with the config is checked here, before compilation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from unit_scaling import data as data_lib
+from unit_scaling import optim
+from unit_scaling.models import bert, causal_lm
+from unit_scaling.parametrization import PARAMETRIZATIONS, PRECISIONS, param_meta
+from unit_scaling.train import metrics as metrics_lib
+from unit_scaling.train import optimizer as optimizer_lib
+from unit_scaling.train.loop import Task
+
+OBJECTIVES = ("mlm_nsp", "causal_lm", "classification")
+
+
+def validate(config) -> None:
+    """Fails early, naming the field, on settings no later step would catch clearly."""
+    if config.param not in PARAMETRIZATIONS:
+        raise ValueError(f"config.param={config.param!r}: use one of {PARAMETRIZATIONS}")
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"config.precision={config.precision!r}: use one of {PRECISIONS}")
+    if config.data.objective not in OBJECTIVES:
+        raise ValueError(f"config.data.objective={config.data.objective!r}: use one of {OBJECTIVES}")
+    for field in ("steps", "global_batch_size", "log_every", "eval_every", "checkpoint_every"):
+        if config.train[field] < 0:
+            raise ValueError(f"config.train.{field}={config.train[field]} must be >= 0")
+    if config.train.steps == 0 or config.train.global_batch_size == 0:
+        raise ValueError("config.train.steps and global_batch_size must be positive")
+    if config.train.global_batch_size % config.train.grad_accum:
+        raise ValueError(
+            f"config.train.global_batch_size={config.train.global_batch_size} must be a "
+            f"multiple of config.train.grad_accum={config.train.grad_accum}"
+        )
+
+
+def model_config(config, vocab_size: int):
+    """The model's config dataclass from `config.model`, `param`, `precision`."""
+    cls = causal_lm.CausalLMConfig if config.data.objective == "causal_lm" else bert.BertConfig
+    fields = dict(config.model.to_dict(), param=config.param, precision=config.precision,
+                  vocab_size=vocab_size)
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.model: {e}") from e
+
+
+def optimizer_parts(config, abstract_params) -> dict:
+    """u-μP per-tensor lr factors and independent decay; decoupled decay's mask."""
+    train = config.train
+    parts = dict(
+        per_tensor_lr=optim.scale_by_parametrization(
+            abstract_params, config.param, "sgd" if train.optimizer == "sgd" else "adam"
+        ),
+        decay_mask=lambda params: _decay_mask(abstract_params),
+    )
+    if config.param == "umup" and train.weight_decay > 0:
+        parts["weight_decay"] = optim.add_independent_weight_decay(
+            abstract_params, train.weight_decay, train.lr,
+            optimizer_lib.learning_rate_schedule(train),
+        )
+    return parts
+
+
+def _decay_mask(abstract_params):
+    """True for weights, embeddings and readouts; False for biases and norm gains."""
+    param_meta(abstract_params)  # raises, naming the path, on a parameter without a role
+    return jax.tree.map(lambda box: box.role in optim.DECAYED_ROLES, abstract_params,
+                        is_leaf=lambda x: hasattr(x, "role"))
+
+
+def make_task(config) -> Task:
+    """The `Task` for `config` (see the module docstring)."""
+    validate(config)
+    objective = config.data.objective
+    if objective == "classification":
+        return _classification_task(config)
+    train_iter, info = data_lib.make_pretraining_pipeline(config, "train")
+    model_cfg = model_config(config, info.vocab_size)
+    if objective == "causal_lm":
+        model = causal_lm.CausalLM(model_cfg)
+        readout_tokens, extra = None, 0.0
+    else:
+        model = bert.BertForPreTraining(model_cfg)
+        predictions = config.train.global_batch_size * config.data.max_predictions_per_seq
+        readout_tokens = predictions
+        d = model_cfg.d_model
+        # MLM dense layer on the gathered positions; pooler and NSP on [CLS].
+        extra = 2 * predictions * d * d + 2 * config.train.global_batch_size * (d * d + 2 * d)
+    shape = metrics_lib.TransformerShape(
+        num_layers=model_cfg.num_layers, d_model=model_cfg.d_model,
+        num_heads=model_cfg.num_heads, head_dim=model_cfg.head_dim,
+        mlp_dim=model_cfg.mlp_dim, vocab_size=info.vocab_size,
+        glu=model_cfg.activation == "swiglu", causal=objective == "causal_lm",
+    )
+    flops = metrics_lib.train_flops_per_step(
+        shape, config.train.global_batch_size, info.seq_len, readout_tokens, extra)
+    return Task(
+        model=model,
+        train_batches=train_iter,
+        eval_batches=lambda: data_lib.make_pretraining_pipeline(config, "eval")[0],
+        get_data_state=train_iter.get_state,
+        set_data_state=train_iter.set_state,
+        optimizer_parts=lambda params: optimizer_parts(config, params),
+        flops_per_step=flops,
+        tokens_per_batch=config.train.global_batch_size * info.seq_len,
+        fp8=config.precision == "fp8" and model_cfg.real_fp8,
+        close=lambda: _close(train_iter),
+    )
+
+
+def _classification_task(config) -> Task:
+    train_iter, info = data_lib.make_finetune_pipeline(config, config.data.task, "train")
+    model_cfg = model_config(config, config.data.vocab_size)
+    model = bert.BertForSequenceClassification(model_cfg, num_classes=info.num_classes)
+    eval_info = data_lib.make_finetune_pipeline(config, config.data.task, "eval")[1]
+    logging.info("%s: %d classes, %d eval examples", info.task, info.num_classes,
+                 eval_info.num_examples)
+    return Task(
+        model=model,
+        train_batches=train_iter,
+        eval_batches=lambda: data_lib.make_finetune_pipeline(config, config.data.task, "eval")[0],
+        get_data_state=train_iter.get_state,
+        set_data_state=train_iter.set_state,
+        optimizer_parts=lambda params: optimizer_parts(config, params),
+        flops_per_step=None,
+        tokens_per_batch=config.train.global_batch_size * info.seq_len,
+        init_params=(lambda params: load_encoder(config.init_from, params))
+        if config.get("init_from") else None,
+        close=lambda: _close(train_iter),
+    )
+
+
+def load_encoder(run_dir: str, params: dict) -> dict:
+    """`params` with the `encoder` (and `pooler`) of the latest checkpoint in the
+    pretraining run `run_dir` (its model must have the same shapes)."""
+    directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"config.init_from={run_dir!r} has no checkpoints/ directory; pass the "
+            "--workdir of a finished pretraining run"
+        )
+    with ocp.CheckpointManager(directory, item_names=("state", "data", "config")) as mngr:
+        step = mngr.latest_step()
+        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    pretrained = restored["state"]["params"]
+    new = dict(params)
+    for name in ("encoder", "pooler"):
+        if name not in pretrained:
+            raise ValueError(f"config.init_from={run_dir!r}: its params have no {name!r}")
+        ref = jax.tree.map(np.shape, params[name])
+        got = jax.tree.map(np.shape, pretrained[name])
+        if ref != got:
+            raise ValueError(
+                f"config.init_from={run_dir!r}: the {name} shapes differ from this model's; "
+                "use the same model size (config.model) as the pretraining run"
+            )
+        new[name] = jax.tree.map(lambda p, v: np.asarray(v, p.dtype), params[name], pretrained[name])
+    logging.info("initialised the encoder from %s step %d", run_dir, step)
+    return new
+
+
+def _close(iterator: Any) -> None:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        close()
+
+
+def read_run_config(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "config.json")) as f:
+        return json.load(f)

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test install clean
+.PHONY: train test install clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 install: $(VENV)/.installed
+
+# A small BERT (2 layers x 128, u-μP) pretrained on the embedded King James Bible;
+# under 10 minutes on a 2-core CPU. Rerunning resumes from the last checkpoint.
+train: $(VENV)/.installed
+	$(PY) train.py --config configs/bert.py:tiny --workdir runs/bert-tiny
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n auto -q tests

@@ -4,14 +4,14 @@ train.py), one-step golden metrics per parametrization, checkpoints across meshe
 import json
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from tests.test_data_helpers import small_bert_config, small_causal_config
-import flax.linen as nn
-
 from unit_scaling.train import checkpoint, loop, mesh as mesh_lib, metrics, optimizer, tasks
+from unit_scaling.train import step as step_lib
 
 SMALL_MODEL = dict(d_model=32, num_layers=2, num_heads=2, mlp_dim=64)
 
@@ -88,3 +88,73 @@ def test_checkpoint_from_8_devices_restores_on_4_and_1(tmp_path):
         for path, leaf in jax.tree_util.tree_leaves_with_path(state):
             assert leaf.sharding.mesh.devices.size == devices, jax.tree_util.keystr(path)
     task.close()
+
+
+def test_finetune_from_pretraining_run(tmp_path):
+    pretrain = tiny(steps=2, checkpoint_every=2)
+    run(pretrain, tmp_path / "pretrain")
+    config = tiny(steps=3, eval_every=3, eval_batches=2)
+    config.data.objective = "classification"
+    config.data.task = "kjv_testament"
+    config.init_from = str(tmp_path / "pretrain")
+    task = tasks.make_task(config)
+    params = task.model.init({"params": jax.random.key(1)}, next(task.train_batches),
+                             deterministic=True)["params"]
+    loaded = task.init_params(nn.unbox(params))
+    stored = tasks.load_encoder(str(tmp_path / "pretrain"), nn.unbox(params))
+    np.testing.assert_array_equal(
+        loaded["encoder"]["token_embed"]["embedding"], stored["encoder"]["token_embed"]["embedding"])
+    task.close()
+    rows = run(config, tmp_path / "finetune")
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert evals and evals[-1]["eval/majority_baseline"] == pytest.approx(0.702, abs=0.01)
+    other = tiny(steps=1)
+    other.data.objective, other.data.task = "classification", "kjv_testament"
+    other.model.d_model = 64
+    other.init_from = str(tmp_path / "pretrain")
+    with pytest.raises(ValueError, match="encoder shapes differ"):
+        run(other, tmp_path / "mismatch")
+
+
+def test_generate_from_causal_run(tmp_path):
+    from unit_scaling import generate
+
+    run(tiny("causal_lm", steps=2, checkpoint_every=2), tmp_path)
+    model, params, tokenizer, _ = generate.load_run(str(tmp_path))
+    from unit_scaling.models import causal_lm
+
+    new = causal_lm.generate(model, params, np.full((2, 3), 2, np.int32), 5,
+                             jax.random.key(0), temperature=0.0)
+    assert new.shape == (2, 5) and np.all(np.asarray(new[0]) == np.asarray(new[1]))
+    assert isinstance(tokenizer.decode(np.asarray(new[0]).tolist()), str)
+
+
+def test_2x2x2_mesh_step_matches_one_device():
+    """Two train steps of tiny BERT sharded over data x fsdp x tensor equal the same
+    steps on one device. SGD, not Adam: the key bias has a gradient that is exactly zero
+    in theory (softmax ignores a constant shift), and Adam would turn its float
+    noise, which differs between layouts, into full-size updates."""
+    config = tiny(steps=2, optimizer="sgd", lr=0.1)
+    task = tasks.make_task(config)
+    local = [next(task.train_batches) for _ in range(2)]
+    task.close()
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    loss_scale = optimizer.make_loss_scale(config.train)
+    schedule = optimizer.learning_rate_schedule(config.train)
+    results = {}
+    for name, sizes, devices in (("one", {"data": 1}, jax.devices()[:1]),
+                                 ("2x2x2", {"data": 2, "fsdp": 2, "tensor": 2}, None)):
+        mesh = mesh_lib.make_mesh(sizes, devices=devices)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            batches = [loop.global_batch(b, mesh_lib.batch_sharding(mesh)) for b in local]
+            tx, init, shardings = loop.plan_state(task, config.train, loss_scale, mesh, rules,
+                                                  batches[0], config.seed)
+            state = jax.jit(init, out_shardings=shardings)(batches[0])
+            step = jax.jit(step_lib.make_train_step(task.model, tx, schedule),
+                           out_shardings=(shardings, None))
+            for batch in batches:
+                state, m = step(state, batch)
+            results[name] = (float(m["train/loss"]), jax.device_get(state.params))
+    assert results["2x2x2"][0] == pytest.approx(results["one"][0], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(results["2x2x2"][1]), jax.tree.leaves(results["one"][1])):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)

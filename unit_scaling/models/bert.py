@@ -245,5 +245,7 @@ class BertForSequenceClassification(nn.Module):
         _check_batch(batch, CLASSIFICATION_FIELDS)
         logits = self.logits(batch, deterministic=deterministic)
         labels = batch["label"].reshape(-1)
-        loss = self.config.parametrization.cross_entropy(logits, labels)
-        return loss, dict(loss=loss, accuracy=_accuracy(logits, labels))
+        # Optional per-row weights: 0 on rows that only pad the last eval batch.
+        weights = batch.get("weight")
+        loss = self.config.parametrization.cross_entropy(logits, labels, weights)
+        return loss, dict(loss=loss, accuracy=_accuracy(logits, labels, weights))

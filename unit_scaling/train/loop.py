@@ -59,6 +59,7 @@ class Task:
     init_params: params -> params, applied to a new run (not a resumed one), e.g. to
       load a pretrained encoder.
     close: releases the data iterators.
+    eval_constants: logged with every evaluation (e.g. a majority-class baseline).
     """
 
     model: nn.Module
@@ -72,6 +73,7 @@ class Task:
     fp8: bool = False
     init_params: Optional[Callable[[Any], Any]] = None
     close: Callable[[], None] = lambda: None
+    eval_constants: dict = dataclasses.field(default_factory=dict)
 
 
 def state_shardings(abstract_boxed_state: Any, mesh, rules) -> Any:
@@ -178,6 +180,7 @@ def run(config, workdir: str, make_task: Callable[[Any], Task]) -> dict:
                     progress.set_postfix(loss=f"{scalars['train/loss']:.3f}")
                 if task.eval_batches and train.eval_every and (step % train.eval_every == 0 or is_last):
                     evaluated = _evaluate(eval_step, state.params, task, batch_sharding, train)
+                    evaluated.update(task.eval_constants)
                     writer.write(step, evaluated)
                     last.update(evaluated)
                 if ckpt.should_save(step) or is_last or preemption.requested:

@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from unit_scaling import data as data_lib
+from unit_scaling.data import finetune
 from unit_scaling import optim
 from unit_scaling.models import bert, causal_lm
 from unit_scaling.parametrization import PARAMETRIZATIONS, PRECISIONS, param_meta
@@ -127,9 +128,12 @@ def _classification_task(config) -> Task:
     train_iter, info = data_lib.make_finetune_pipeline(config, config.data.task, "train")
     model_cfg = model_config(config, config.data.vocab_size)
     model = bert.BertForSequenceClassification(model_cfg, num_classes=info.num_classes)
-    eval_info = data_lib.make_finetune_pipeline(config, config.data.task, "eval")[1]
-    logging.info("%s: %d classes, %d eval examples", info.task, info.num_classes,
-                 eval_info.num_examples)
+    examples, _ = finetune.load_task(config.data.task, "eval",
+                                     tfds_data_dir=config.data.tfds_data_dir or None)
+    counts = finetune.class_counts(examples, info.num_classes)
+    baseline = float(counts.max() / counts.sum())
+    logging.info("%s: %d classes, %d eval examples, majority baseline %.3f", info.task,
+                 info.num_classes, int(counts.sum()), baseline)
     return Task(
         model=model,
         train_batches=train_iter,
@@ -142,6 +146,7 @@ def _classification_task(config) -> Task:
         init_params=(lambda params: load_encoder(config.init_from, params))
         if config.get("init_from") else None,
         close=lambda: _close(train_iter),
+        eval_constants={"eval/majority_baseline": baseline},
     )
 
 

@@ -15,13 +15,13 @@ $(VENV)/.installed: setup.py
 
 install: $(VENV)/.installed
 
-# A small BERT (2 layers x 128, u-μP) pretrained on the embedded King James Bible;
+# A small BERT (2 layers x 128, standard parametrization) pretrained on the embedded King James Bible;
 # under 10 minutes on a 2-core CPU. Rerunning resumes from the last checkpoint.
 train: $(VENV)/.installed
 	$(PY) train.py --config configs/bert.py:tiny --workdir runs/bert-tiny
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -n auto -q tests
+	$(PY) -m pytest -n auto -q --durations=10 tests
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -147,7 +147,8 @@ def train_config(**fields: Any) -> ml_collections.ConfigDict:
         warmup_steps=100,
         schedule="linear",  # "linear" | "cosine" | "constant" after warmup
         final_lr_fraction=0.0,
-        weight_decay=0.01,  # sp/unit: decoupled (x lr); umup: independent (x lr/peak lr)
+        weight_decay=0.01,  # sp/unit: decoupled (x lr); umup: independent (x lr/peak lr),
+        # i.e. the fraction of each weight removed per step at peak lr (~1e-4, not 1e-2)
         grad_clip=1.0,  # global norm; 0 = off
         grad_accum=1,  # micro-batches per update (global_batch_size is the update's)
         b1=0.9,

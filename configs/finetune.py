@@ -26,7 +26,7 @@ except ImportError:  # loaded by path from outside the repository root
 
 def get_config(arg: str = "kjv_books") -> ml_collections.ConfigDict:
     """The config for `arg` (see the module docstring)."""
-    args = common.parse_arg(arg, task="kjv_books", size="tiny", seed=0, param="umup",
+    args = common.parse_arg(arg, task="kjv_books", size="tiny", seed=0, param="sp",
                             precision="fp32")
     config = bert.get_config(
         f"{args.size},seed={args.seed},param={args.param},precision={args.precision}")

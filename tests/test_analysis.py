@@ -376,23 +376,44 @@ def test_write_outputs_and_cli(lm_records, tmp_path):
     assert sorted(os.listdir(tmp_path / "fn")) == ["scales.csv", "scales.json", "scales.png"]
 
     config = tmp_path / "cfg.py"
-    config.write_text("def get_config(arg=''):\n    return {'arg': arg}\n")
+    config.write_text(
+        "import ml_collections\n"
+        "def get_config(arg=''):\n"
+        "    return ml_collections.ConfigDict(\n"
+        "        {'arg': arg, 'model': {'width': 8}, 'train': {'global_batch_size': 32, 'grad_accum': 2}})\n"
+    )
     batch = {"x": unit_rms(jax.random.key(8), (8, D)), "labels": jnp.arange(8) % V}
     seen = []
 
-    def inputs(cfg, workdir, seed):
-        seen.append(cfg["arg"])
+    def inputs(cfg, workdir, seed, abstract, step):
+        seen.append((cfg.arg, cfg.model.width, cfg.train.global_batch_size, cfg.train.grad_accum))
         model = Probe()
-        return model, model.init(jax.random.key(seed), batch), batch
+        return model, model.init(jax.random.key(seed or 0), batch), batch
 
     out = tmp_path / "cmp"
-    argv = ["--config", f"{config}:tiny,param=unit", "--compare", "param=sp,umup", "--out", str(out)]
+    argv = ["--config", f"{config}:tiny,param=unit", "--config.model.width=16", "--compare",
+            "param=sp,umup", "--out", str(out), "--batch_size", "3"]
     paths = cli.main(argv, inputs=inputs)
-    assert seen == ["tiny,param=sp", "tiny,param=umup"]
+    assert seen == [("tiny,param=sp", 16, 3, 1), ("tiny,param=umup", 16, 3, 1)]
     for name in ("scales.json", "scales.csv", "scales.png", "scales_param_sp.json", "scales_param_umup.csv"):
         assert os.path.exists(out / name), name
     back = from_json(str(out / "scales.json"))
     assert {r.name for r in back} == {"w", "loss"} and {r.kind for r in back} == {"forward", "backward"}
     _png_ok(out / "scales.png")
+
+    # A dotted key compares config fields (as --config.KEY=v overrides).
+    seen.clear()
+    cli.main([f"--config={config}:tiny", "--compare", "model.width=4,5", "--out", str(out)], inputs=inputs)
+    assert seen == [("tiny", 4, 4, 1), ("tiny", 5, 4, 1)]
+    # A dry run traces abstractly and writes nothing.
+    dry = cli.main([f"--config={config}", "--dry_run"], inputs=lambda cfg, *a: (
+        Probe(), jax.eval_shape(Probe().init, jax.random.key(0), batch), batch))
+    (summary,) = dry["summary"]
+    assert summary["tensors"] == 2 and summary["parameters"] == D * V
+
     with pytest.raises(SystemExit, match="key=a,b,c"):
         cli.main(["--config", f"{config}:tiny", "--compare", "param", "--out", str(out)], inputs=inputs)
+    with pytest.raises(SystemExit, match="--out"):
+        cli.main(["--config", f"{config}:tiny"], inputs=inputs)
+    with pytest.raises(SystemExit, match="unknown_flag"):
+        cli.main(["--config", f"{config}:tiny", "--out", str(out), "--unknown_flag=1"], inputs=inputs)

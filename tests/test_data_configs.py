@@ -79,7 +79,7 @@ def test_tiny_defaults_and_arg_overrides():
         bert.data.seq_len,
         bert.data.max_predictions_per_seq,
         bert.train.global_batch_size,
-    ) == (8192, 128, 20, 32)
+    ) == (4096, 64, 10, 64)
     causal = load_config("configs/causal_lm.py:tiny")
     assert (causal.data.seq_len, causal.train.global_batch_size) == (128, 16)
     custom = load_config("configs/bert.py:mini,seed=7,corpus=kjv:nt")

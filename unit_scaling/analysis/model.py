@@ -96,6 +96,7 @@ def track_model_scales(
     layer_regex: str = DEFAULT_LAYER_REGEX,
     cotangent: Any = None,
     scan: str = "iterations",
+    abstract: bool = False,
     **apply_kwargs: Any,
 ) -> list[ScaleRecord]:
     """Scale records of a Flax model's parameters, module outputs and tagged values.
@@ -110,6 +111,9 @@ def track_model_scales(
       layer_regex: which path components name a layer (see the module docstring).
       cotangent: gradient of the loss; default 1 (a scalar loss).
       scan: "iterations" (per-layer records under `nn.scan`) or "unit".
+      abstract: a dry run (`trace_scales(abstract=True)`): `variables` and `batch` may
+        be `jax.ShapeDtypeStruct`s (e.g. from `jax.eval_shape(model.init, ...)`);
+        the records name every tensor with its shape, all statistics NaN.
       **apply_kwargs: passed to `apply` (e.g. `rngs`, `deterministic=True`); untracked.
 
     Returns:
@@ -161,7 +165,7 @@ def track_model_scales(
 
     trace = trace_scales(
         fn, (variables, *batch), argnums=0, cotangent=cotangent, has_aux=has_aux,
-        scan=scan, prepare=_prepare_params, select=select,
+        scan=scan, prepare=_prepare_params, select=select, abstract=abstract,
     )
     if detail == "ops":
         for entry in op_entries(trace, "op", prune_same_scale=True):

@@ -486,6 +486,7 @@ def trace_scales(
     prepare: Optional[Callable[[dict], None]] = None,
     select: Optional[Callable[[dict], set]] = None,
     fast_compile: bool = True,
+    abstract: bool = False,
 ) -> Trace:
     """Runs `fn(*args)` forward and backward and measures every tracked value.
 
@@ -495,6 +496,10 @@ def trace_scales(
     the keys to measure (default all), which keeps the compiled program small.
     `fast_compile`: compile with XLA backend optimisation level 0 (a one-shot
     measurement: compiling 2-3x faster matters more than running fast).
+    `abstract`: trace everything (the interpreter, the probes, the backward pass, the
+    statistics) with `jax.eval_shape` instead of running it: `args` may be
+    `jax.ShapeDtypeStruct`s, nothing is allocated, and every statistic is NaN (a dry
+    run that checks a model goes through, and names its tensors, at any size).
     """
     if scan not in ("iterations", "unit"):
         raise ValueError(f"scan must be 'iterations' or 'unit', got {scan!r}")
@@ -598,11 +603,18 @@ def trace_scales(
             for i, k in enumerate(keys)
         }
 
-    outs, fwd, bwd = jax.device_get(
-        jax.jit(run, compiler_options=_FAST_COMPILE if fast_compile else None)(
-            flat_args, closed.consts, cotangents
+    if abstract:
+        outs, fwd, bwd = jax.tree.map(
+            lambda s: np.full(s.shape, np.nan, np.float32)
+            if jnp.issubdtype(s.dtype, jnp.floating) else s,
+            jax.eval_shape(run, flat_args, closed.consts, cotangents),
         )
-    )
+    else:
+        outs, fwd, bwd = jax.device_get(
+            jax.jit(run, compiler_options=_FAST_COMPILE if fast_compile else None)(
+                flat_args, closed.consts, cotangents
+            )
+        )
     fwd, bwd = split(fwd), split(bwd)
     return Trace(
         values=values,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import pathlib
@@ -27,6 +26,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from configs.common import load_config  # noqa: E402
 from unit_scaling.data import pipeline, stats  # noqa: E402
 
 DEFAULT_CONFIGS = (
@@ -36,14 +36,6 @@ DEFAULT_CONFIGS = (
     "configs/causal_lm.py:125m",
 )
 
-
-def load_config(path_and_arg: str):
-    """get_config(arg) of a config file given as "path.py:arg"."""
-    path, _, arg = path_and_arg.partition(":")
-    spec = importlib.util.spec_from_file_location("_bench_config", REPO / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
 
 
 def bench(name: str, warmup: int, batches: int) -> dict:

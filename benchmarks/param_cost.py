@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from tests.test_data_helpers import load_config  # noqa: E402
+from configs.common import load_config  # noqa: E402
 from unit_scaling.train import tasks  # noqa: E402
 
 

@@ -12,6 +12,8 @@ Top-level fields: `seed`, `param` ("sp" | "unit" | "umup"), `precision` ("fp32" 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import pathlib
 from typing import Any, Mapping
 
 import ml_collections
@@ -22,6 +24,20 @@ _NOT_IN_MODEL_SECTION = ("param", "precision", "vocab_size")
 
 _TRUE = ("1", "true", "yes", "y", "on")
 _FALSE = ("0", "false", "no", "n", "off")
+
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_config(path_and_arg: str) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of a config file given as "configs/bert.py:ARG" (relative to
+    the repository or absolute), as `--config` loads it, for scripts and tests."""
+    path, _, arg = path_and_arg.partition(":")
+    spec = importlib.util.spec_from_file_location(
+        f"_config_{abs(hash(path))}", REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

@@ -92,7 +92,7 @@ def test_scaled_linear_is_one_op_with_its_documented_scales():
     assert [r.op for r in acts] == ["U.linear"]  # one op, not its custom_vjp's
     out = acts[0]
     assert out.inputs == ("arg0", "arg1")
-    fwd, bwd = by_name(records, "forward"), by_name(records, "backward")
+    bwd = by_name(records, "backward")
     # Exact: forward (x@w) fan_in^-1/2; input grad (g@w.T) times the constrained scale
     # (to_output_scale: fan_in^-1/2 too); weight grad (x.T@g) batch^-1/2.
     assert out.rms == pytest.approx(rms(x @ w) / fan_in**0.5, rel=1e-5)

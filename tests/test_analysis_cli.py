@@ -3,6 +3,7 @@
 `--compare` plot, `--workdir` restore of a `loop.run` checkpoint, and a dry run of every
 preset of both config files."""
 
+import importlib
 import json
 import math
 import os
@@ -152,11 +153,7 @@ def test_presets_build_abstractly(config, sizes):
     """A dry run (`--dry_run`: eval_shape of the init and of the whole analysis) of
     presets at their width, one layer deep (the layers are identical; full depth takes
     ~5-10 s per preset)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_presets", config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module(config.removesuffix(".py").replace("/", "."))
     assert set(sizes) <= set(module.PRESETS)
     for size in sizes:
         result = cli.main(small(f"{config}:{size},param=umup", ONE_LAYER, "--batch_size", "1",

@@ -5,20 +5,10 @@ directory of the process) on two KJV books with a 1000-piece vocabulary: small e
 to keep the whole data suite fast.
 """
 
-import importlib.util
-import pathlib
+from configs.common import REPO, load_config  # noqa: F401  (re-exported for the tests)
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 SMALL_CORPUS = "kjv:Genesis+Matthew"  # 78 chapters, 2,604 verses
 
-
-def load_config(path_and_arg: str):
-    """get_config of a config file, as `--config configs/bert.py:ARG` would load it."""
-    path, _, arg = path_and_arg.partition(":")
-    spec = importlib.util.spec_from_file_location(f"_cfg_{abs(hash(path))}", REPO / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
 
 
 def small_bert_config(**data_overrides):

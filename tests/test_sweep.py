@@ -1,8 +1,6 @@
 """The sweep runner's grid, commands and result collection."""
 
 import json
-import os
-import sys
 
 import pytest
 

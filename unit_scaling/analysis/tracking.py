@@ -319,7 +319,7 @@ class _Graph:
     def _walk_scan(self, eqn, ins, path, scope, scans):
         self._group_state = None
         params = eqn.params
-        n_consts, n_carry = params["num_consts"], params["num_carry"]
+        n_consts = params["num_consts"]
         body = params["jaxpr"].jaxpr
         outer_live, body_live = _scan_live(eqn, [lv for _, lv in ins], self.descend_scan)
         for k, _ in ins:

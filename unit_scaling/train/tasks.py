@@ -8,7 +8,6 @@ Everything that can be wrong with the config is checked here, before compilation
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -184,7 +183,3 @@ def _close(iterator: Any) -> None:
     if close is not None:
         close()
 
-
-def read_run_config(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, "config.json")) as f:
-        return json.load(f)

@@ -455,6 +455,22 @@ def attention_mask(
     return result
 
 
+def attention_output_scale(
+    seq_len: int, head_dim: int, mult: float = 1.0, causal: bool = False,
+    dropout_rate: float = 0.0,
+) -> float:
+    """The static output (and q/k/v gradient) scale `s` of `scaled_dot_product_attention`:
+    `(1-p)^1/2 / li(1/(1+4d/mult^2), ((ln S if causal else 1)/S)^1/2, 1)`, the inverse of
+    the fitted output RMS of attention over `S` positions of values that are independent
+    across positions, from flat attention (a mean over `S`: RMS `S^-1/2`) to one-hot
+    (RMS 1). A component the values share across positions is not averaged away, so
+    it comes out `s` times larger (about `S^1/2` for flat attention).
+    """
+    alpha = 1 / (1 + 4 * head_dim / mult**2)
+    flat = ((math.log(seq_len) if causal else 1.0) / seq_len) ** 0.5
+    return (1 - dropout_rate) ** 0.5 / logarithmic_interpolation(alpha, flat, 1.0)
+
+
 def scaled_dot_product_attention(
     query: Array,
     key: Array,
@@ -475,9 +491,8 @@ def scaled_dot_product_attention(
     output `[batch, q_len, heads, d]`. Logits and softmax in float32.
 
     Temperature `mult/d` (not `d^-1/2`: μP attention). `S = scale_seq_len or k_len`.
-    Forward: output `* s`, `s = (1-p)^1/2 / li(1/(1+4d/mult^2), ((ln S if causal else 1)/S)^1/2, 1)`:
-    the fitted output RMS of attention goes from that of a mean over `S` (flat
-    attention) to 1 (one-hot attention).
+    Forward: output `* s`, `s = attention_output_scale(S, d, mult, causal, p)` (about
+    `S^1/2` for flat attention, 1 for one-hot).
     Backward: `g_query = g_key = g_value = s`.
     Give `scale_seq_len` (the training length) when decoding with a KV cache, so the
     scale does not depend on the cache size.
@@ -493,10 +508,7 @@ def scaled_dot_product_attention(
             f"{value.shape}; expected [batch, len, heads, head_dim] with equal "
             "batch, heads and head_dim, and key/value of the same length"
         )
-    seq_len = scale_seq_len or k_len
-    alpha = 1 / (1 + 4 * d_head / mult**2)
-    flat = ((math.log(seq_len) if causal else 1.0) / seq_len) ** 0.5
-    s = (1 - dropout_rate) ** 0.5 / logarithmic_interpolation(alpha, flat, 1.0)
+    s = attention_output_scale(scale_seq_len or k_len, d_head, mult, causal, dropout_rate)
     query, key, value = (scale_bwd(t, s) for t in (query, key, value))
 
     q = jnp.swapaxes(query, 1, 2)  # [b, h, q, d]

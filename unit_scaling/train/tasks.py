@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -83,13 +83,16 @@ def _decay_mask(abstract_params):
                         is_leaf=lambda x: hasattr(x, "role"))
 
 
-def make_task(config) -> Task:
-    """The `Task` for `config` (see the module docstring)."""
+def make_task(config, pipeline: Optional[Callable] = None) -> Task:
+    """The `Task` for `config` (see the module docstring). `pipeline(config, split) ->
+    (iterator, DataInfo)` replaces `data.make_pretraining_pipeline` for the
+    pretraining objectives (e.g. synthetic batches for benchmarks)."""
     validate(config)
     objective = config.data.objective
     if objective == "classification":
         return _classification_task(config)
-    train_iter, info = data_lib.make_pretraining_pipeline(config, "train")
+    pipeline = pipeline or data_lib.make_pretraining_pipeline
+    train_iter, info = pipeline(config, "train")
     model_cfg = model_config(config, info.vocab_size)
     if objective == "causal_lm":
         model = causal_lm.CausalLM(model_cfg)
@@ -112,7 +115,7 @@ def make_task(config) -> Task:
     return Task(
         model=model,
         train_batches=train_iter,
-        eval_batches=lambda: data_lib.make_pretraining_pipeline(config, "eval")[0],
+        eval_batches=lambda: pipeline(config, "eval")[0],
         get_data_state=train_iter.get_state,
         set_data_state=train_iter.set_state,
         optimizer_parts=lambda params: optimizer_parts(config, params),

@@ -1,0 +1,94 @@
+"""benchmarks/speed.py: the FP8-GEMM detectors and an end-to-end smoke run."""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from configs.common import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import speed
+
+# What XLA prints: operands by name (types looked up), or with inline types; cuBLAS
+# FP8 GEMMs as custom calls with a tuple output (the result and a workspace).
+CPU_HLO = """
+%fused_computation (param_0: f8e4m3fn[8,32], param_1: f8e5m2[32,16]) -> f32[8,16] {
+  %param_0 = f8e4m3fn[8,32]{1,0} parameter(0)
+  %param_1 = f8e5m2[32,16]{1,0} parameter(1)
+  ROOT %dot.0 = f32[8,16]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+ENTRY %main (a: f32[8,32], b: f32[32,16]) -> f32[8,16] {
+  %a = f32[8,32]{1,0} parameter(0)
+  %b = f32[32,16]{1,0} parameter(1)
+  ROOT %dot.1 = f32[8,16]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+GPU_HLO = """
+  %x = f8e4m3fn[64,128]{1,0} parameter(0)
+  %cublas-lt-matmul.2 = (bf16[64,32]{1,0}, s8[33554432]{0}) custom-call(f8e4m3fn[64,128]{1,0} %x, f8e4m3fn[32,128]{1,0} %w, f32[] %s, f32[] %t), custom_call_target="__cublas$lt$matmul$f8"
+  %cublas-gemm.3 = (bf16[64,32]{1,0}, s8[4194304]{0}) custom-call(%y, %v), custom_call_target="__cublas$gemm"
+  %fusion.1 = bf16[64,32]{1,0} fusion(%y), kind=kLoop, calls=%fused
+"""
+
+
+def test_count_fp8_gemms_on_hlo_text():
+    assert speed.count_fp8_gemms(CPU_HLO) == (1, 2)
+    assert speed.count_fp8_gemms(GPU_HLO) == (1, 2)
+    assert speed.count_fp8_gemms("") == (0, 0)
+
+
+def test_fp8_detectors_on_a_jitted_fp8_matmul():
+    def f(a, b):
+        return jnp.matmul(a.astype(jnp.float8_e4m3fn), b.astype(jnp.float8_e5m2),
+                          preferred_element_type=jnp.bfloat16)
+
+    lowered = jax.jit(f).lower(jnp.ones((8, 32)), jnp.ones((32, 16)))
+    assert speed.count_fp8_matmuls_requested(lowered.as_text()) == 1
+    fp8, total = speed.count_fp8_gemms(lowered.compile().as_text())
+    # CPU XLA upcasts float8 operands before its GEMM; a GPU keeps them (fp8 == 1).
+    assert total == 1 and fp8 <= total
+    bf16 = jax.jit(lambda a, b: a @ b).lower(jnp.ones((8, 32)), jnp.ones((32, 16)))
+    assert speed.count_fp8_matmuls_requested(bf16.as_text()) == 0
+
+
+def test_fp8_matmuls_requested_counts_every_call_of_a_nested_jit():
+    # The FP8 matmul is a nested jit: StableHLO holds its body once, called per layer.
+    fp8_matmul = jax.jit(lambda a, b: jnp.matmul(
+        a.astype(jnp.float8_e4m3fn), b.astype(jnp.float8_e4m3fn), preferred_element_type=jnp.float32))
+    lowered = jax.jit(lambda x, w: fp8_matmul(fp8_matmul(x, w), w)).lower(
+        jnp.ones((8, 8)), jnp.ones((8, 8)))
+    assert lowered.as_text().count("stablehlo.dot_general") == 1
+    assert speed.count_fp8_matmuls_requested(lowered.as_text()) == 2
+
+
+def test_split_configs_and_overrides():
+    assert speed.split_configs("configs/bert.py:tiny,corpus=kjv,configs/causal_lm.py:tiny") == [
+        "configs/bert.py:tiny,corpus=kjv", "configs/causal_lm.py:tiny"]
+    config = speed.load("configs/causal_lm.py:tiny", "sp", "fp8",
+                        {"data.seq_len": "32", "model.scan_layers": "True"}, real_fp8=True)
+    assert config.data.seq_len == 32 and config.model.max_len == 32  # max_len follows seq_len
+    assert config.model.scan_layers is True and config.model.real_fp8 is True
+
+
+def test_speed_smoke(tmp_path):
+    result = speed.main([
+        "--configs", "configs/bert.py:tiny", "--params", "sp,umup", "--precisions", "fp32",
+        "--steps", "2", "--warmup", "1", "--batch_size", "8", "--seq_len", "16",
+        "--override", "model.num_layers=1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert saved["command"].startswith("python benchmarks/speed.py --configs configs/bert.py:tiny")
+    rows = saved["rows"]
+    assert [(r["param"], r["precision"], r["timing"]) for r in rows] == [
+        ("sp", "fp32", "interleaved"), ("umup", "fp32", "interleaved")]
+    for row in rows:
+        assert len(row["step_times_s"]) == 2 and row["step_s"] > 0 and row["compile_s"] > 0
+        assert row["tokens_per_s"] == 8 * 16 / row["step_s"]
+        assert row["model_flops_per_step"] > 0 and row["xla_bytes"] > 0
+    assert rows[0]["ratio_to_sp"] == 1.0 and rows[1]["ratio_to_sp"] > 0
+    markdown = (tmp_path / "speed.md").read_text()
+    assert markdown.startswith("Command: `python benchmarks/speed.py")
+    header, _rule, *lines = result["markdown"].splitlines()
+    assert header.split(" | ")[7] == "ratio to sp" and len(lines) == 2
+    assert lines[0].split(" | ")[7] == "1.00" and result["markdown"] in markdown

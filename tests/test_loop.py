@@ -16,8 +16,8 @@ from unit_scaling.train import loop, metrics
 class Batches:
     """A deterministic iterator with grain-style get_state/set_state."""
 
-    def __init__(self, kill_at=None, nan_at=None, shard=(0, 1)):
-        self.index, self.kill_at, self.nan_at = 0, kill_at, nan_at
+    def __init__(self, kill_at=None, nan_at=None, shard=(0, 1), loss_mult=1.0):
+        self.index, self.kill_at, self.nan_at, self.loss_mult = 0, kill_at, nan_at, loss_mult
         self.shard = shard  # (process_index, process_count): rows of the global batch
 
     def __next__(self):
@@ -26,7 +26,7 @@ class Batches:
             os.kill(os.getpid(), signal.SIGTERM)
         rng = np.random.default_rng(self.index)
         x = rng.normal(size=(16, 4)).astype(np.float32)
-        scale = np.inf if self.index == self.nan_at else 1.0
+        scale = np.inf if self.index == self.nan_at else self.loss_mult
         batch = {"x": x, "y": np.sin(x.sum(-1)), "scale": np.full((16,), scale, np.float32)}
         index, count = self.shard
         return {k: np.split(v, count)[index] for k, v in batch.items()}
@@ -86,3 +86,19 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(loop.NonFiniteLossError, match=r"train/loss.*last good checkpoint is step 5"):
         loop.run(config(), str(tmp_path), make_task_factory(Batches(nan_at=7)))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]
+
+
+def test_dynamic_loss_scale_skips_overflowing_steps_and_resumes(tmp_path):
+    # A loss of ~1e4 times 2^120 overflows float32: those steps skip their update and
+    # halve the scale until the scaled loss and gradients are finite; the run goes on.
+    cfg = config(loss_scale="dynamic", loss_scale_value=2.0**120, steps=12)
+    loop.run(cfg, str(tmp_path), make_task_factory(Batches(loss_mult=1e4)))
+    rows = {r["step"]: r for r in metrics.read_metrics(str(tmp_path))}
+    scales = [rows[s]["train/loss_scale"] for s in range(1, 13)]
+    assert rows[1]["train/grads_finite"] == 0.0 and scales[:2] == [2.0**120, 2.0**119]
+    assert scales == sorted(scales, reverse=True) and rows[12]["train/grads_finite"] == 1.0
+    assert np.isfinite(rows[12]["train/loss"]) and scales[-1] >= 2.0**100
+    # The checkpointed state (a DynamicLossScale among arrays) restores and goes on.
+    cfg.train.steps = 14
+    loop.run(cfg, str(tmp_path), make_task_factory(Batches(loss_mult=1e4)))
+    assert max(losses(str(tmp_path))) == 14

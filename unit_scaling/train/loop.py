@@ -117,6 +117,7 @@ def run(config, workdir: str, make_task: Callable[[Any], Task]) -> dict:
     task = make_task(config)
     schedule = optimizer_lib.learning_rate_schedule(train)
     loss_scale = optimizer_lib.make_loss_scale(train)
+    dynamic = isinstance(loss_scale, optimizer_lib.DynamicLossScale)
     batch_sharding = mesh_lib.batch_sharding(mesh)
 
     first = next(task.train_batches)
@@ -168,7 +169,7 @@ def run(config, workdir: str, make_task: Callable[[Any], Task]) -> dict:
                 _maybe_profile(train, step, workdir)
                 if train.log_every and (step % train.log_every == 0 or is_last):
                     host = jax.device_get(step_metrics)
-                    _check_finite(host, ckpt)
+                    _check_finite(host, ckpt, dynamic)
                     now = time.perf_counter()
                     scalars = {k: float(v) for k, v in host.items() if not k.startswith("_")}
                     scalars.update(_perf((now - timer[0]) / (step - timer[1]), task, peak))
@@ -184,7 +185,7 @@ def run(config, workdir: str, make_task: Callable[[Any], Task]) -> dict:
                     writer.write(step, evaluated)
                     last.update(evaluated)
                 if ckpt.should_save(step) or is_last or preemption.requested:
-                    _check_finite(jax.device_get(step_metrics), ckpt)  # never save NaNs
+                    _check_finite(jax.device_get(step_metrics), ckpt, dynamic)  # never save NaNs
                     ckpt.save(step, state, task.get_data_state(), force=True)
                 if preemption.requested:
                     logging.warning("saved step %d after SIGTERM; exiting", step)
@@ -255,11 +256,19 @@ def _evaluate(eval_step, params, task: Task, sharding, train) -> dict:
     return {k: v / max(batches, 1) for k, v in totals.items()}
 
 
-def _check_finite(host_metrics: dict, ckpt) -> None:
-    """Raises `NonFiniteLossError` naming the non-finite loss terms and gradients."""
+def _check_finite(host_metrics: dict, ckpt, dynamic_loss_scale: bool) -> None:
+    """Raises `NonFiniteLossError` naming the non-finite loss terms and gradients.
+
+    Under a dynamic loss scale, overflowing gradients are expected: the step skips its
+    update and halves the scale. Then only the losses must be finite, until the scale
+    is down to 1."""
     scalars = {k: v for k, v in host_metrics.items() if k.startswith("train/")}
+    grads_finite = bool(host_metrics["train/grads_finite"])
+    if dynamic_loss_scale and host_metrics["train/loss_scale"] > 1:
+        scalars = {k: v for k, v in scalars.items() if k.endswith("loss")}
+        grads_finite = True
     bad_scalars = [k for k, v in scalars.items() if not np.isfinite(v)]
-    if not bad_scalars and bool(host_metrics["train/grads_finite"]):
+    if not bad_scalars and grads_finite:
         return
     ckpt.wait()
     raise NonFiniteLossError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import jax
 import jmp
 import optax
 
@@ -108,5 +109,20 @@ def make_loss_scale(train: Any) -> jmp.LossScale:
     if kind == "static":
         return jmp.StaticLossScale(value)
     if kind == "dynamic":
-        return jmp.DynamicLossScale(value, period=train.get("loss_scale_period", 2000))
+        return DynamicLossScale(value, period=train.get("loss_scale_period", 2000))
     return jmp.NoOpLossScale()
+
+
+@jax.tree_util.register_pytree_node_class
+class DynamicLossScale(jmp.DynamicLossScale):
+    """`jmp.DynamicLossScale` as a pytree that may also hold shardings or partition
+    specs (`loop.state_shardings` maps the train state to them; jmp's float check on
+    construction rejects those leaves), and that stays this class after `adjust`."""
+
+    def __post_init__(self) -> None:
+        pass
+
+    def adjust(self, grads_finite: jax.Array) -> "DynamicLossScale":
+        new = super().adjust(grads_finite)
+        return DynamicLossScale(new.loss_scale, new.counter, new.period, new.factor,
+                                new.min_loss_scale)

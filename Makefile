@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train test install clean
+.PHONY: train test bench install clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n auto -q --durations=10 tests
+
+# Step time, tokens/s, compile time and memory of tiny BERT and causal LM under sp, unit
+# and umup in fp32, bf16 and fp8 (benchmarks/results/speed.md); `--gpu_suite` on a GPU.
+bench: $(VENV)/.installed
+	$(PY) benchmarks/speed.py --real_fp8
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

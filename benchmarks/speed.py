@@ -39,7 +39,6 @@ them with `--batch_size` if they do not fit).
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import functools
 import json
@@ -60,6 +59,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from configs import common
 from configs.common import load_config
 from experiments.report import machine, markdown_table
 from unit_scaling.data import pipeline as pipeline_lib
@@ -414,8 +414,8 @@ def split_configs(text: str) -> list[str]:
 
 
 def apply_overrides(config, overrides: dict[str, Any]) -> None:
-    """Sets dotted fields, e.g. {"train.global_batch_size": 8}; values are Python
-    literals or strings, type-checked by ml_collections against the field."""
+    """Sets dotted fields, e.g. {"train.global_batch_size": "8"}; a string value is
+    converted to the field's type (`configs.common.convert`: 8, 0.1, true/false)."""
     for key, value in overrides.items():
         *path, leaf = key.removeprefix("config.").split(".")
         node = config
@@ -423,12 +423,7 @@ def apply_overrides(config, overrides: dict[str, Any]) -> None:
             node = node[part]
         if leaf not in node:
             raise ValueError(f"--override {key}: config has no field {key!r}")
-        if isinstance(value, str):
-            try:
-                value = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                pass  # a plain string
-        node[leaf] = value
+        node[leaf] = common.convert(key, value, node[leaf]) if isinstance(value, str) else value
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -77,7 +77,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
                     f"config argument {item!r}: unknown key {key!r}; valid keys: "
                     f"{', '.join(defaults)}."
                 )
-            values[key] = _convert(key, raw.strip(), defaults[key])
+            values[key] = convert(key, raw.strip(), defaults[key])
         elif isinstance(defaults.get(key), bool):
             values[key] = True
         else:
@@ -88,7 +88,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
                     f"{', '.join(defaults)}."
                 )
             positional_seen = True
-            values[first] = _convert(first, item, defaults[first])
+            values[first] = convert(first, item, defaults[first])
     return ml_collections.ConfigDict(values)
 
 
@@ -99,7 +99,9 @@ def select_preset(presets: Mapping[str, Any], name: str, field: str = "size") ->
     return presets[name]
 
 
-def _convert(key: str, raw: str, default: Any) -> Any:
+def convert(key: str, raw: str, default: Any) -> Any:
+    """`raw` (a command-line string) as the type of `default` (bool, int, float; else
+    the string), or a ValueError naming `key`."""
     try:
         if isinstance(default, bool):
             low = raw.lower()

@@ -6,6 +6,7 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.ad_checkpoint import checkpoint_name
 
@@ -417,3 +418,19 @@ def test_write_outputs_and_cli(lm_records, tmp_path):
         cli.main(["--config", f"{config}:tiny"], inputs=inputs)
     with pytest.raises(SystemExit, match="unknown_flag"):
         cli.main(["--config", f"{config}:tiny", "--out", str(out), "--unknown_flag=1"], inputs=inputs)
+
+
+def test_segment_stats_equal_tensor_stats_per_row():
+    from unit_scaling.analysis.records import segment_stats, tensor_stats
+
+    r = np.random.default_rng(0)
+    a = r.normal(size=(3, 50)).astype(np.float32) * np.array([[1e-9], [1.0], [1e6]], np.float32)
+    a[0, :10] = 0.0
+    a[1, 3] = np.inf
+    b = r.normal(size=(2, 7)).astype(np.float32)
+    got = segment_stats([jnp.asarray(a), jnp.asarray(b)])
+    rows = [a[0], a[1], a[2], b[0], b[1]]
+    for i, row in enumerate(rows):
+        want = tensor_stats(jnp.asarray(row))
+        for k, v in want.items():
+            np.testing.assert_allclose(got[k][i], v, rtol=1e-6, err_msg=f"row {i} {k}")

@@ -164,19 +164,20 @@ def segment_stats(tensors: list[jax.Array]) -> dict[str, jax.Array]:
     indicators = [~nonzero, ~jnp.isfinite(a)]
     for fmt in FORMATS.values():
         indicators += [a > fmt.max, nonzero & (a < fmt.min_normal)]
-    fractions = seg(jax.ops.segment_sum, jnp.stack(indicators, axis=1).astype(jnp.float32))
-    fractions = fractions / count[:, None]
+    # One reduction per indicator: stacking them would materialise 8 float32 copies
+    # of every tracked value at once (32 bytes per value; GBs for BERT base).
+    fractions = [seg(jax.ops.segment_sum, i.astype(jnp.float32)) / count for i in indicators]
     min_nonzero = seg(jax.ops.segment_min, jnp.where(nonzero, a, jnp.inf))
     stats = {
         "rms": jnp.sqrt(seg(jax.ops.segment_sum, jnp.square(a)) / count),
         "abs_max": seg(jax.ops.segment_max, a),
         "abs_min_nonzero": jnp.where(jnp.isinf(min_nonzero), jnp.nan, min_nonzero),
-        "frac_zero": fractions[:, 0],
-        "frac_nonfinite": fractions[:, 1],
+        "frac_zero": fractions[0],
+        "frac_nonfinite": fractions[1],
     }
     for i, short in enumerate(FORMATS):
-        stats[f"frac_above_max_{short}"] = fractions[:, 2 + 2 * i]
-        stats[f"frac_below_normal_{short}"] = fractions[:, 3 + 2 * i]
+        stats[f"frac_above_max_{short}"] = fractions[2 + 2 * i]
+        stats[f"frac_below_normal_{short}"] = fractions[3 + 2 * i]
     return stats
 
 

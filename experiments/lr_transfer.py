@@ -1,0 +1,363 @@
+r"""Learning-rate transfer across width (the u-μP paper's Figure 1, in miniature).
+
+  python -m experiments.lr_transfer                      # train, then report
+  python -m experiments.lr_transfer --print              # the train.py commands only
+  python -m experiments.lr_transfer --report_only        # report from runs/lr_transfer
+  python -m experiments.lr_transfer --widths 128,256,512,1024,2048 --steps 2000 \
+      --seq_len 256 --batch 64 --vocab 8192 --workdir runs/lr_transfer_gpu \
+      --out experiments/results/lr_transfer_gpu --no-fast_compile  # bigger, on a GPU
+  python -m experiments.lr_transfer --sp_lrs=-14,-12,-10 --umup_lrs=-2,0,2  # other grids
+
+The causal LM (`configs/causal_lm.py`: pre-norm RMSNorm, RoPE, SwiGLU) at several
+widths, each trained at a grid of peak learning rates (powers of 2) under standard
+parametrization (`sp`) and u-μP (`umup`). Width scales `d_model`, the number of heads
+(fixed head dim) and `mlp_dim` (a fixed multiple of d_model) together; depth, data,
+steps and seed are the same for every point. Every run trains in
+`WORKDIR/param=P,model.d_model=D,...,train.lr=LR` (see `experiments/sweep.py`; an
+interrupted sweep resumes, a diverging run is recorded and skipped). The runs execute
+`train.main` in this process (`--subprocess`: one `train.py` each) with XLA's fast
+compilation (`--fast_compile`): on a 2-core CPU a short run is dominated by imports and
+compilation. Lists of log2 values that start with a minus sign need `=`.
+
+The loss of a run is the mean training loss over its last `--tail` fraction of steps
+(every run sees the same batches, so the comparison between learning rates is paired;
+it averages `tail*steps` batches where the eval loss of a short run averages only
+`--eval_batches`, and costs no extra compile). With `--eval_batches N` the runs also
+evaluate at the end and `--metric eval` ranks them by the eval loss.
+
+Writes `OUT/lr_transfer.png` (loss against learning rate, one line per width, one
+panel per parametrization), `OUT/results.md` and `OUT/results.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from experiments import report, sweep
+
+CONFIG = "configs/causal_lm.py:tiny"
+PARAMS = ("sp", "umup")
+# log2 of the peak learning rates; each config's default (sp 1e-3, umup 0.5) inside.
+DEFAULT_LOG2_LRS = {"sp": "-12,-10,-8,-6,-4", "umup": "-5,-3,-1,1,3"}
+
+
+def add_common_flags(parser: argparse.ArgumentParser, name: str) -> None:
+    """Flags both experiments share: the training run of every point, the output."""
+    parser.add_argument("--steps", type=int, default=60, help="training steps per run")
+    parser.add_argument("--batch", type=int, default=16, help="global batch size")
+    parser.add_argument("--seq_len", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=1024, help="BPE vocabulary size")
+    parser.add_argument("--layers", type=int, default=2, help="transformer layers")
+    parser.add_argument("--head_dim", type=int, default=16, help="d_model / num_heads")
+    parser.add_argument("--mlp_ratio", type=int, default=3, help="mlp_dim / d_model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tail", type=float, default=0.25,
+                        help="the loss is the mean train loss over this last fraction of steps")
+    parser.add_argument("--eval_batches", type=int, default=0,
+                        help="> 0: also evaluate at the end on this many batches")
+    parser.add_argument("--metric", choices=("train", "eval"), default="train",
+                        help="rank runs by the train-tail loss or the final eval loss")
+    parser.add_argument("--workdir", default=f"runs/{name}", help="one subdirectory per run")
+    parser.add_argument("--out", default=f"experiments/results/{name}",
+                        help="results.md, results.json and the figure go here")
+    parser.add_argument("--print", action="store_true", help="print the commands only")
+    parser.add_argument("--fast_compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="XLA backend optimisation level 0: on a CPU each run compiles "
+                             "several times faster (the losses agree to ~1e-5) and steps run "
+                             "somewhat slower; --no-fast_compile on GPUs/TPUs and long runs")
+    parser.add_argument("--subprocess", action="store_true",
+                        help="one train.py process per run (default: train.main in this "
+                             "process, which saves the imports of every run)")
+    parser.add_argument("--report_only", action="store_true",
+                        help="collect and plot the runs already in --workdir")
+
+
+def parse_log2(text: str) -> list[float]:
+    """`"-3,-1,1"` -> `[0.125, 0.5, 2.0]` (exact powers of 2)."""
+    return [2.0 ** float(v) for v in text.split(",") if v.strip()]
+
+
+def fmt_pow2(x: float) -> str:
+    """`0.125` -> `2^-3`; other numbers as `%g`."""
+    e = math.log2(x)
+    return f"2^{e:g}" if e == round(e) else f"{x:g}"
+
+
+def width_point(width: int, head_dim: int, mlp_ratio: int) -> dict[str, str]:
+    """The overrides of one width: d_model, heads (fixed head dim) and MLP dim."""
+    if width % head_dim:
+        raise ValueError(f"width {width} is not a multiple of --head_dim {head_dim}")
+    return {"config.model.d_model": str(width), "config.model.num_heads": str(width // head_dim),
+            "config.model.mlp_dim": str(mlp_ratio * width)}
+
+
+def common_overrides(args: argparse.Namespace) -> list[str]:
+    """Flags every run of the sweep gets: short runs, per-step logging, no checkpoints."""
+    return [
+        f"--config.seed={args.seed}",
+        f"--config.train.steps={args.steps}",
+        f"--config.train.global_batch_size={args.batch}",
+        f"--config.data.seq_len={args.seq_len}",
+        f"--config.data.vocab_size={args.vocab}",
+        f"--config.model.num_layers={args.layers}",
+        "--config.train.log_every=1",
+        f"--config.train.eval_every={args.steps if args.eval_batches else 0}",
+        f"--config.train.eval_batches={max(args.eval_batches, 1)}",
+        "--config.train.checkpoint_every=0",
+    ]
+
+
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+SWEEP_LOG = "sweeps.jsonl"  # in the workdir: one line per sweep that trained runs
+
+
+def run_sweep(args: argparse.Namespace, todo: list[dict[str, str]], extra: Sequence[str],
+              command: str = "") -> float:
+    """Trains (or prints) `todo` into `args.workdir`; returns the wall time in seconds
+    and, when it trained anything, appends it with `command` to `WORKDIR/sweeps.jsonl`."""
+    if args.fast_compile and not args.print and FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+        if "jax" in sys.modules and not args.subprocess:
+            print("--fast_compile: JAX is imported already; XLA_FLAGS cannot change now")
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+    dirs = [point_dir(args, p) for p in todo]
+    before = sum(map(sweep.finished, dirs))
+    start = time.perf_counter()
+    sweep.run_points(CONFIG, todo, args.workdir, [*common_overrides(args), *extra],
+                     print_only=args.print, keep_going=True, log_name="train.log",
+                     in_process=not args.subprocess)
+    wall_s = time.perf_counter() - start
+    trained = sum(map(sweep.finished, dirs)) - before
+    if trained and not args.print:
+        with open(os.path.join(args.workdir, SWEEP_LOG), "a") as f:
+            f.write(json.dumps({"command": command, "wall_s": round(wall_s, 1), "trained": trained,
+                                "date": time.strftime("%Y-%m-%d %H:%M")}) + "\n")
+    return wall_s
+
+
+def timing(args: argparse.Namespace, rows: Sequence[dict]) -> str:
+    """The runs' summed training time and the logged sweeps' wall times."""
+    text = (f"Sum of the runs' training times (first step to last log): "
+            f"{sum(r['run_s'] or 0.0 for r in rows) / 60:.1f} min.")
+    log = sweep.read_metrics(args.workdir, SWEEP_LOG)
+    if log:
+        text += " Sweeps logged in the workdir (wall time incl. start-up; runs trained): " + "; ".join(
+            f"`{e['command']}` {e['wall_s'] / 60:.1f} min, {e['trained']}" for e in log) + "."
+    return text
+
+
+def load_run(workdir: str, tail: float) -> dict:
+    """What the report needs of one run: status, train-tail loss, eval loss, timing."""
+    metrics = sweep.read_metrics(workdir)
+    steps = None
+    config_path = os.path.join(workdir, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            steps = json.load(f)["train"]["steps"]
+    status = ("failed" if sweep.failed(workdir) else
+              "done" if sweep.finished(workdir) else "unfinished")
+    if status == "failed" and _diverged(workdir):
+        status = "diverged"
+    row: dict = {"status": status, "train_loss": None, "eval_loss": None,
+                 "step_s": None, "run_s": None}
+    if status == "done" and steps:
+        row["train_loss"] = sweep.tail_mean(metrics, "train/loss", steps - int(tail * steps) + 1)
+        row["eval_loss"] = sweep.tail_mean(metrics, "eval/loss", steps)
+        step_s = [m["perf/step_s"] for m in metrics if "perf/step_s" in m]
+        row["step_s"] = sorted(step_s)[len(step_s) // 2] if step_s else None  # median
+        row["run_s"] = (os.path.getmtime(os.path.join(workdir, "metrics.jsonl"))
+                        - os.path.getmtime(config_path))
+    return row
+
+
+def _diverged(workdir: str) -> bool:
+    log = os.path.join(workdir, "train.log")
+    if not os.path.exists(log):
+        return False
+    with open(log, errors="replace") as f:
+        return "NonFiniteLossError" in f.read()
+
+
+def point_dir(args: argparse.Namespace, point: dict[str, str]) -> str:
+    return os.path.join(args.workdir, sweep.run_name(point))
+
+
+def loss_of(row: dict, metric: str) -> float | None:
+    return row["eval_loss"] if metric == "eval" else row["train_loss"]
+
+
+def points(args: argparse.Namespace) -> list[dict[str, str]]:
+    """Every (width, parametrization, lr) point, smallest width first."""
+    todo = []
+    for width in args.widths:
+        for param in args.params:
+            for lr in args.lrs[param]:
+                todo.append({"param": param, **width_point(width, args.head_dim, args.mlp_ratio),
+                             "config.train.lr": repr(lr)})
+    return todo
+
+
+def build_report(args: argparse.Namespace, command: str) -> dict:
+    """Collects every point's run, picks the optimum per (param, width), writes the
+    figure, results.md and results.json; returns `{"rows", "optima", "paths"}`."""
+    rows = []
+    for point in points(args):
+        run = load_run(point_dir(args, point), args.tail)
+        rows.append({"param": point["param"], "width": int(point["config.model.d_model"]),
+                     "lr": float(point["config.train.lr"]), **run,
+                     "loss": loss_of(run, args.metric)})
+    optima = []
+    for param in args.params:
+        for width in args.widths:
+            mine = [r for r in rows if r["param"] == param and r["width"] == width]
+            best = sweep.optimum([r["lr"] for r in mine], [r["loss"] for r in mine])
+            optima.append({"param": param, "width": width,
+                           "best_lr": best and best["x"], "loss": best and best["loss"],
+                           "fit_lr": best and best["x_fit"], "edge": bool(best and best["edge"]),
+                           "runs": f"{sum(r['status'] == 'done' for r in mine)}/{len(mine)}"})
+    figure = plot(args, rows, optima)
+    markdown = _markdown(args, rows, optima)
+    saved = ([{"kind": "optimum", **o} for o in optima]
+             + [{"kind": "run", **{k: r[k] for k in ("param", "width", "lr", "status", "loss",
+                                                     "train_loss", "eval_loss", "step_s",
+                                                     "run_s")}} for r in rows])
+    paths = report.write_results(args.out, saved, markdown, command)
+    paths["figure"] = figure
+    return {"rows": rows, "optima": optima, "paths": paths}
+
+
+def plot(args: argparse.Namespace, rows: Sequence[dict], optima: Sequence[dict]) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.params), figsize=(5 * len(args.params), 4), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    colour = {w: cmap(i / max(len(args.widths) - 1, 1) * 0.9) for i, w in enumerate(args.widths)}
+    for ax, param in zip(axes[0], args.params):
+        curves = {}
+        for width in args.widths:
+            done = [r for r in rows if r["param"] == param and r["width"] == width
+                    and r["loss"] is not None]
+            curves[f"width {width}"] = ([r["lr"] for r in done], [r["loss"] for r in done])
+        report.plot_curves(ax, curves, f"{args.metric} loss", title=param, log_x=True,
+                           style=lambda label: {"color": colour[int(label.split()[1])],
+                                                    "marker": "o", "markersize": 3})
+        for o in optima:
+            if o["param"] == param and o["best_lr"]:
+                ax.plot([o["best_lr"]], [o["loss"]], marker="*", markersize=12,
+                        color=colour[o["width"]], markeredgecolor="k")
+        losses = [r["loss"] for r in rows if r["loss"] is not None]
+        if losses:  # one scale for all panels; clip the diverging ends of the curves
+            low = min(losses)
+            ax.set_ylim(low - 0.1, min(max(losses), low + 2.0) + 0.1)
+        top = ax.get_ylim()[1]
+        for r in rows:  # diverged or failed runs: a cross at the top of the panel
+            if r["param"] == param and r["status"] in ("diverged", "failed"):
+                ax.plot([r["lr"]], [top], marker="x", color=colour[r["width"]], clip_on=False)
+        ax.set_xlabel("peak learning rate")
+    return report.save_figure(fig, os.path.join(args.out, f"{os.path.basename(args.out)}.png"))
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _markdown(args, rows, optima) -> str:
+    lines = [
+        f"Causal LM (`{CONFIG}` shapes changed per width): {args.layers} layers, head dim "
+        f"{args.head_dim}, mlp_dim = {args.mlp_ratio} x d_model, BPE vocab {args.vocab}, "
+        f"batch {args.batch} x seq {args.seq_len}, {args.steps} steps (warmup 10%, cosine "
+        f"to 0), seed {args.seed}, fp32; each parametrization with its config's "
+        f"optimizer settings. Loss: "
+        + (f"mean train loss over the last {int(args.tail * args.steps)} steps."
+           if args.metric == "train" else f"eval loss on {args.eval_batches} batches.")
+        + " Figure: `" + os.path.basename(args.out) + ".png` (stars: optimum per width; "
+        "crosses on the top edge: diverged).",
+        "",
+        ("Optimum per width (grid minimum; `fit` = vertex of a parabola in log2(lr) "
+         "through the minimum and its neighbours; `edge` = the minimum is at the end of "
+         "the grid):"),
+        "",
+    ]
+    table = [{"param": o["param"], "width": o["width"],
+              "best lr": o["best_lr"] and f"{fmt_pow2(o['best_lr'])} ({o['best_lr']:.3g})",
+              "fit lr": o["fit_lr"] and f"{o['fit_lr']:.3g}", "loss": o["loss"],
+              "edge": "yes" if o["edge"] else "", "runs done": o["runs"]} for o in optima]
+    lines.append(report.markdown_table(table, ["param", "width", "best lr", "fit lr", "loss",
+                                               "edge", "runs done"], {"loss": ".3f"}))
+    for param in args.params:
+        shifts = [o for o in optima if o["param"] == param and o["best_lr"]]
+        if len(shifts) >= 2:
+            a, b = shifts[0], shifts[-1]
+            lines.append(f"- {param}: optimum moves {math.log2(b['best_lr'] / a['best_lr']):+g} "
+                         f"octaves (grid) from width {a['width']} to {b['width']}"
+                         + (f", {math.log2(b['fit_lr'] / a['fit_lr']):+.2f} (fit)"
+                            if a["fit_lr"] and b["fit_lr"] else "") + ".")
+    lines += ["", "Loss at every point (`div` = diverged, `fail` = failed, `-` = not run):", ""]
+    for param in args.params:
+        lrs = args.lrs[param]
+        grid = []
+        for width in args.widths:
+            cells = {"width": width}
+            for r in rows:
+                if r["param"] == param and r["width"] == width:
+                    cells[fmt_pow2(r["lr"])] = (_fmt(r["loss"]) if r["status"] == "done" else
+                                                {"diverged": "div", "failed": "fail"}.get(r["status"], "-"))
+            grid.append(cells)
+        lines += [f"{param}:", "", report.markdown_table(grid, ["width", *map(fmt_pow2, lrs)])]
+    step_s = {w: [r["step_s"] for r in rows if r["width"] == w and r["step_s"]] for w in args.widths}
+    lines.append("Median step time per width (s): " + ", ".join(
+        f"{w}: {sorted(v)[len(v) // 2]:.3f}" for w, v in step_s.items() if v) + ".")
+    lines.append(timing(args, rows))
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--widths", default="32,64,128,256", help="d_model values")
+    parser.add_argument("--params", default="sp,umup", help="parametrizations")
+    for param in PARAMS:
+        parser.add_argument(f"--{param}_lrs", default=DEFAULT_LOG2_LRS[param],
+                            help=f"log2 of the {param} peak learning rates")
+    add_common_flags(parser, "lr_transfer")
+    args = parser.parse_args(argv)
+    if args.metric == "eval" and not args.eval_batches:
+        parser.error("--metric eval needs --eval_batches N > 0")
+    args.widths = [int(w) for w in args.widths.split(",")]
+    args.params = args.params.split(",")
+    args.lrs = {p: parse_log2(getattr(args, f"{p}_lrs")) for p in PARAMS}
+    return args, extra
+
+
+def experiment_main(name: str, argv: Sequence[str] | None, parse: Callable, todo: Callable,
+                    build: Callable) -> int:
+    """The command line of an experiment: `parse(argv) -> (args, extra)`, then train (or
+    print) `todo(args)` unless --report_only, then `build(args, command)`; the command
+    recorded is the one that trains (without --report_only)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parse(argv)
+    command = shlex.join(["python", "-m", f"experiments.{name}",
+                          *(a for a in argv if a != "--report_only")])
+    if not args.report_only:
+        run_sweep(args, todo(args), extra, command)
+        if args.print:
+            return 0
+    result = build(args, command)
+    with open(result["paths"]["md"]) as f:
+        print(f.read())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return experiment_main("lr_transfer", argv, parse_args, points, build_report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

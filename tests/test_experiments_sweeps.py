@@ -1,0 +1,238 @@
+"""The lr-transfer and u-μP-mults experiments: their points and commands (the print
+path, no training) and their reports, built from fake run directories."""
+
+import json
+import math
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from experiments import lr_transfer, sweep, umup_mults
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def _commands(capsys, main, argv):
+    assert main(argv) == 0
+    return [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
+
+
+def _flag(cmd, name):
+    (value,) = [a.split("=", 1)[1] for a in cmd if a.startswith(f"--{name}=")]
+    return value
+
+
+def test_lr_transfer_points_scale_heads_and_mlp_with_width(capsys, tmp_path):
+    cmds = _commands(capsys, lr_transfer.main, [
+        "--print", "--widths", "32,64", "--sp_lrs=-10,-8", "--umup_lrs=-1,0,1",
+        "--head_dim", "16", "--workdir", str(tmp_path), "--steps", "7", "--", "--config.x=1"])
+    assert len(cmds) == 2 * (2 + 3)
+    assert not os.listdir(tmp_path)  # printing trains nothing
+    by_width = {}
+    for cmd in cmds:
+        width = int(_flag(cmd, "config.model.d_model"))
+        assert int(_flag(cmd, "config.model.num_heads")) * 16 == width
+        assert int(_flag(cmd, "config.model.mlp_dim")) == 3 * width
+        assert _flag(cmd, "config.train.steps") == "7" and cmd[-1] == "--config.x=1"
+        assert _flag(cmd, "config.train.checkpoint_every") == "0"
+        assert _flag(cmd, "config.train.log_every") == "1"
+        param = _flag(cmd, "config").split("param=")[1]
+        by_width.setdefault(width, {}).setdefault(param, []).append(
+            float(_flag(cmd, "config.train.lr")))
+        # the run directory names the point; collect() can read it back
+        assert _flag(cmd, "workdir").startswith(str(tmp_path) + f"/param={param},model.d_model=")
+    assert by_width[64] == {"sp": [2.0**-10, 2.0**-8], "umup": [0.5, 1.0, 2.0]}
+    assert sorted(by_width) == [32, 64]
+
+
+def test_lr_transfer_rejects_width_not_multiple_of_head_dim(capsys):
+    with pytest.raises(ValueError, match="head_dim"):
+        lr_transfer.main(["--print", "--widths", "40", "--head_dim", "16"])
+
+
+def test_umup_mults_points(capsys):
+    cmds = _commands(capsys, umup_mults.main, ["--print", "--width", "64"])
+    names = [_flag(c, "workdir") for c in cmds]
+    assert len(names) == len(set(names)) == 5 * 4 + 1 + 4  # mults x values, default, lrs
+    for mult in umup_mults.MULTS:
+        values = sorted(float(_flag(c, f"config.model.{mult}")) for c in cmds
+                        if any(a.startswith(f"--config.model.{mult}=") for a in c))
+        assert values == [0.25, 0.5, 2.0, 4.0]
+    defaults = [c for c in cmds if not any("_mult=" in a or "_ratio=" in a for a in c)]
+    assert sorted(float(_flag(c, "config.train.lr")) for c in defaults) == [
+        2.0**-5, 2.0**-3, 0.5, 2.0, 8.0]
+    assert all(_flag(c, "config.model.d_model") == "64" for c in cmds)
+    assert all("param=umup" in _flag(c, "config") for c in cmds)
+    more = _commands(capsys, umup_mults.main, ["--print", "--lr_mults", "attn_mult"])
+    assert len(more) == len(cmds) + 2 * 4  # lr 2^-1 runs already in the mult sweep
+
+
+def test_sweep_explicit_points_cross_the_grid(capsys):
+    sweep.main(["--config", "configs/causal_lm.py:tiny",
+                "--point", "config.model.d_model=64,config.model.num_heads=2",
+                "--point", "config.model.d_model=128,config.model.num_heads=4",
+                "--grid", "param=sp,umup", "--workdir", "runs/s", "--print"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4
+    assert "--config=configs/causal_lm.py:tiny,param=umup" in lines[3]
+    assert "--config.model.d_model=128 --config.model.num_heads=4" in lines[3]
+    assert "runs/s/model.d_model=128,model.num_heads=4,param=umup" in lines[3]
+    with pytest.raises(ValueError, match="KEY=V"):
+        sweep.parse_point("d_model")
+
+
+def test_keep_going_records_failure_and_skips_it(tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def fake_run(cmd, workdir, log_name):
+        calls.append(workdir)
+        os.makedirs(workdir, exist_ok=True)
+        return 1
+
+    monkeypatch.setattr(sweep, "_run", fake_run)
+    point = [{"config.train.lr": "8.0"}]
+    with pytest.raises(subprocess.CalledProcessError):
+        sweep.run_points("configs/causal_lm.py:tiny", point, str(tmp_path))
+    sweep.run_points("configs/causal_lm.py:tiny", point, str(tmp_path), keep_going=True)
+    run = tmp_path / "train.lr=8.0"
+    assert sweep.failed(str(run)) and len(calls) == 2
+    sweep.run_points("configs/causal_lm.py:tiny", point, str(tmp_path), keep_going=True)
+    assert len(calls) == 2 and "failed already" in capsys.readouterr().out
+    (row,) = sweep.collect(str(tmp_path))
+    assert row["failed"] and not row["finished"] and row["train.lr"] == "8.0"
+
+
+def test_optimum_edge_fit_and_missing():
+    xs = [2.0**k for k in range(-3, 2)]
+    best = sweep.optimum(xs, [(k + 1.5) ** 2 for k in range(-3, 2)])  # min at 2^-1.5
+    assert best["x"] in (2.0**-2, 2.0**-1) and not best["edge"]
+    assert math.isclose(math.log2(best["x_fit"]), -1.5)
+    best = sweep.optimum(xs, [5.0, 4.0, 3.0, None, float("nan")])
+    assert best == {"x": 0.5, "loss": 3.0, "edge": True, "x_fit": None}
+    assert sweep.optimum(xs, [None] * 5) is None
+    assert sweep.tail_mean([{"step": 1, "l": 1.0}, {"step": 2, "l": 2.0},
+                            {"step": 3, "l": 4.0}], "l", 2) == 3.0
+
+
+def _fake_run(workdir, loss, steps=8, diverged=False):
+    """A run directory as train.py leaves it: config.json, metrics.jsonl (per step)."""
+    os.makedirs(workdir)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump({"train": {"steps": steps}}, f)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        for step in range(1, steps + 1 - (3 if diverged else 0)):
+            # the loss falls to `loss` over the run; the last quarter averages to it
+            value = loss + (0.0 if step > steps * 3 // 4 else 1.0)
+            f.write(json.dumps({"step": step, "train/loss": value, "perf/step_s": 0.1}) + "\n")
+    if diverged:
+        with open(os.path.join(workdir, "train.log"), "w") as f:
+            f.write("unit_scaling.train.loop.NonFiniteLossError: loss is nan\n")
+        with open(os.path.join(workdir, "failed"), "w") as f:
+            f.write("exit status 1\n")
+
+
+def test_lr_transfer_report_from_fake_runs(tmp_path, capsys):
+    argv = ["--widths", "32,64,128", "--sp_lrs=-10,-9,-8,-7,-6", "--umup_lrs=-2,-1,0,1",
+            "--steps", "8", "--workdir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    args, _ = lr_transfer.parse_args(argv)
+    for point in lr_transfer.points(args):
+        width, lr = int(point["config.model.d_model"]), float(point["config.train.lr"])
+        if point["param"] == "sp":  # optimum 2^-7 at width 32, halving with each doubling
+            opt = -7 - math.log2(width / 32)
+        else:  # u-μP: the optimum stays at 2^-1
+            opt = -1
+        diverged = point["param"] == "umup" and lr == 2.0 and width == 128
+        _fake_run(lr_transfer.point_dir(args, point), 3 + 0.1 * (math.log2(lr) - opt) ** 2,
+                  diverged=diverged)
+    assert lr_transfer.main([*argv, "--report_only"]) == 0
+    saved = json.loads(_read(tmp_path / "out" / "results.json"))
+    optima = {(r["param"], r["width"]): r for r in saved["rows"] if r["kind"] == "optimum"}
+    assert [optima["sp", w]["best_lr"] for w in (32, 64, 128)] == [2.0**-7, 2.0**-8, 2.0**-9]
+    assert [optima["umup", w]["best_lr"] for w in (32, 64, 128)] == [0.5] * 3
+    assert math.isclose(optima["sp", 64]["loss"], 3.0)
+    assert optima["umup", 128]["runs"] == "3/4"
+    assert math.isclose(optima["sp", 64]["fit_lr"], 2.0**-8)
+    statuses = {r["status"] for r in saved["rows"] if r["kind"] == "run"}
+    assert statuses == {"done", "diverged"}
+    md = _read(tmp_path / "out" / "results.md")
+    assert "| sp | 64 | 2^-8 (0.00391) |" in md
+    assert "sp: optimum moves -2 octaves (grid) from width 32 to 128" in md
+    assert "umup: optimum moves +0 octaves" in md
+    assert "| 128 | 3.100 | 3.000 | 3.100 | div |" in md  # the umup grid, width 128
+    figure = tmp_path / "out" / "out.png"
+    assert 0 < figure.stat().st_size < 1_000_000
+    assert "Optimum per width" in capsys.readouterr().out
+
+
+def test_umup_mults_report_from_fake_runs(tmp_path, capsys):
+    argv = ["--steps", "8", "--mults", "act_mult,loss_mult", "--lr_mults", "loss_mult",
+            "--workdir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    args, _ = umup_mults.parse_args(argv)
+    for mult, value, lr, point in umup_mults.settings(args):
+        # act_mult's best value is 2; the loss_mult runs are missing at 4; lr optimum 2^-1
+        loss = 3 + 0.1 * (math.log2(lr) + 1) ** 2
+        loss += 0.05 * (math.log2(value) - 1) ** 2 - 0.05 if mult == "act_mult" else 0.0
+        if not (mult == "loss_mult" and value == 4.0):
+            _fake_run(os.path.join(args.workdir, sweep.run_name(point)), loss)
+    assert umup_mults.main([*argv, "--report_only"]) == 0
+    saved = json.loads(_read(tmp_path / "out" / "results.json"))
+    mults = {r["mult"]: r for r in saved["rows"] if r["kind"] == "mult"}
+    assert mults["act_mult"]["best"] == 2.0 and mults["act_mult"]["values"][2] == 1.0
+    assert mults["loss_mult"]["losses"][-1] is None
+    lrs = [r for r in saved["rows"] if r["kind"] == "lr"]
+    assert [(r["mult"], r["best_lr"]) for r in lrs] == [
+        ("default", 0.5), ("loss_mult", 0.5), ("loss_mult", None)]  # 4: no runs
+    md = _read(tmp_path / "out" / "results.md")
+    assert "| act_mult | 3.400 | 3.150 | 3.000 | 2.950 | 3.000 | 2^1 | 0.450 |" in md
+    assert "| loss_mult | 3.000 | 3.000 | 3.000 | 3.000 | - | 2^-2 | 0.000 |" in md
+    assert "loss_mult=2^-2: optimum lr moves +0 octaves" in md
+    assert 0 < (tmp_path / "out" / "out.png").stat().st_size < 1_000_000
+
+
+def test_in_process_runs_parse_each_commands_flags(tmp_path, monkeypatch):
+    import train
+
+    seen = []
+
+    def fake_main(argv):
+        config = train._CONFIG.value
+        seen.append((config.param, config.train.lr, config.model.d_model, train._WORKDIR.value))
+        os.write(1, b"final: fake\n")  # file descriptor 1 goes to the run's log
+        if config.train.lr > 1:
+            raise FloatingPointError("NonFiniteLossError: loss is nan")
+
+    monkeypatch.setattr(train, "main", fake_main)
+    todo = [{"param": "umup", "config.model.d_model": "64", "config.train.lr": "0.25"},
+            {"param": "sp", "config.train.lr": "0.001"},
+            {"param": "umup", "config.train.lr": "4.0"}]
+    sweep.run_points("configs/causal_lm.py:tiny", todo, str(tmp_path), keep_going=True,
+                     log_name="train.log", in_process=True)
+    dirs = [str(tmp_path / sweep.run_name(p)) for p in todo]
+    assert seen == [("umup", 0.25, 64, dirs[0]), ("sp", 0.001, 128, dirs[1]),
+                    ("umup", 4.0, 128, dirs[2])]
+    assert "final: fake" in _read(os.path.join(dirs[0], "train.log"))
+    assert not sweep.failed(dirs[1]) and sweep.failed(dirs[2])
+    assert "NonFiniteLossError" in _read(os.path.join(dirs[2], "train.log"))
+
+
+def test_sweep_wall_time_is_logged_and_reported(tmp_path, monkeypatch, capsys):
+    def fake_run_points(config, todo, sweep_dir, extra, **kwargs):
+        assert kwargs["keep_going"] and kwargs["in_process"] and "--config.train.steps=8" in extra
+        for point in todo:
+            _fake_run(os.path.join(sweep_dir, sweep.run_name(point)), 3.0)
+
+    monkeypatch.setattr(sweep, "run_points", fake_run_points)
+    argv = ["--widths", "32", "--sp_lrs=-8", "--umup_lrs=-1", "--steps", "8", "--no-fast_compile",
+            "--workdir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    assert lr_transfer.main(argv) == 0
+    (entry,) = sweep.read_metrics(str(tmp_path / "runs"), lr_transfer.SWEEP_LOG)
+    assert entry["trained"] == 2 and entry["command"].startswith("python -m experiments.lr_transfer")
+    assert lr_transfer.main([*argv, "--report_only"]) == 0  # trains nothing, logs nothing
+    assert len(sweep.read_metrics(str(tmp_path / "runs"), lr_transfer.SWEEP_LOG)) == 1
+    md = _read(tmp_path / "out" / "results.md")
+    assert "--report_only" not in md and "Sweeps logged in the workdir" in md and ", 2." in md

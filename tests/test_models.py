@@ -304,6 +304,16 @@ def _count(model, batch):
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
 
 
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_bert_without_biases_has_none_heads_included(tie):
+    cfg = bert.BertConfig(vocab_size=V, d_model=D, num_layers=2, num_heads=4,
+                          mlp_dim=MLP_BERT, max_len=L, use_bias=False, tie_embeddings=tie)
+    model = bert.BertForPreTraining(cfg)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), bert_batch(), deterministic=True))
+    paths = list(_flat(shapes["params"]))
+    assert paths and not [p for p in paths if "bias" in p]
+
 BERT_COUNTS = dict(tiny=4_433_468, mini=11_267_900, small=29_058_876, medium=41_668_412,
                    base=110_106_428, large=336_226_108)
 LM_COUNTS = {"tiny": 13_304_448, "125m": 162_220_800, "350m": 411_354_112,

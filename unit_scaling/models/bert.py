@@ -19,6 +19,7 @@ Param tree (both models; a pretraining checkpoint's `params["encoder"]` and
   nsp/{kernel [D, 2], bias}                    role output
   mlm_dense/{kernel [D, D], bias}, mlm_norm/{scale, bias},
   mlm_output_bias [V] (tied) or mlm_readout/{kernel [D, V], bias} (untied, role output)
+  (`use_bias=False` drops every bias, the heads' included)
   classifier/{kernel [D, C], bias}             (classification only)
 
 Scales of the ops the reference lacks (unit/umup; derivations in the
@@ -130,7 +131,7 @@ class _Pooler(nn.Module):
     def __call__(self, hidden):
         c = self.config
         cls = hidden[:, 0]
-        h = unn.Linear(c.d_model, kernel_axes=("embed", None), use_bias=True,
+        h = unn.Linear(c.d_model, kernel_axes=("embed", None), use_bias=c.use_bias,
                        formats=c.formats, name="dense", **c.module_kwargs())(cls)
         return c.parametrization.tanh(h)
 
@@ -171,18 +172,19 @@ class BertForPreTraining(nn.Module):
         kw = c.module_kwargs()
         self.encoder = BertEncoder(c)
         self.pooler = _Pooler(c)
-        self.nsp = unn.LinearReadout(2, kernel_axes=("embed", None), formats=c.formats, **kw)
+        self.nsp = unn.LinearReadout(2, kernel_axes=("embed", None), use_bias=c.use_bias,
+                                     formats=c.formats, **kw)
         self.mlm_dense = unn.Linear(c.d_model, kernel_axes=("embed", None), formats=c.formats,
-                                    name="mlm_dense", **kw)
+                                    use_bias=c.use_bias, name="mlm_dense", **kw)
         self.mlm_norm = unn.make_norm(c.norm, epsilon=c.norm_epsilon, use_bias=c.use_bias,
                                       name="mlm_norm", **kw)
-        if c.tie_embeddings:
+        if c.tie_embeddings and c.use_bias:
             self.mlm_output_bias = make_param(self, "mlm_output_bias", nn.initializers.zeros,
                                               (c.vocab_size,), ("vocab",), "bias", None,
                                               c.jnp_param_dtype)
-        else:
+        elif not c.tie_embeddings:
             self.mlm_readout = unn.LinearReadout(c.vocab_size, formats=c.formats,
-                                                 name="mlm_readout", **kw)
+                                                 use_bias=c.use_bias, name="mlm_readout", **kw)
 
     def mlm_logits(self, hidden: jax.Array, positions: jax.Array) -> jax.Array:
         """Logits `[B, P, V]` (float32) at `positions [B, P]` of `hidden [B, L, D]`."""
@@ -190,7 +192,8 @@ class BertForPreTraining(nn.Module):
         h = jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
         h = self.mlm_norm(c.parametrization.gelu(self.mlm_dense(h)))
         if c.tie_embeddings:
-            logits = self.encoder.attend(h, self.mlm_output_bias.astype(c.dtype))
+            bias = self.mlm_output_bias.astype(c.dtype) if c.use_bias else None
+            logits = self.encoder.attend(h, bias)
         else:
             logits = self.mlm_readout(h)
         return logits.astype(jnp.float32)
@@ -233,7 +236,8 @@ class BertForSequenceClassification(nn.Module):
         self.pooler = _Pooler(c)
         self.dropout = unn.Dropout(c.dropout, parametrization=c.parametrization)
         self.classifier = unn.LinearReadout(self.num_classes, kernel_axes=("embed", None),
-                                            formats=c.formats, **c.module_kwargs())
+                                            use_bias=c.use_bias, formats=c.formats,
+                                            **c.module_kwargs())
 
     def logits(self, batch: dict, *, deterministic: bool) -> jax.Array:
         hidden = self.encoder(batch["input_ids"], batch["segment_ids"], batch["input_mask"],

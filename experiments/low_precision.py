@@ -3,12 +3,17 @@ r"""Low precision without loss scaling: the unit-scaling paper's table, in minia
   python -m experiments.low_precision                  # tiny BERT, 14 runs (~20 min idle, 48 min busy, 2 cores)
   python -m experiments.low_precision --print          # the train.py commands, one a line
   python -m experiments.low_precision --report_only    # table + figure from the runs so far
-  python -m experiments.low_precision --size mini --steps 2000 --precisions fp32,fp16,fp8
+  python -m experiments.low_precision --config configs/bert.py:mini --steps 2000 \
+      --precisions fp32,fp16,fp8
+  python -m experiments.low_precision --config configs/causal_lm.py:tiny --variants sp,sp+ls,umup \
+      --precisions fp32,fp16,fp8                       # the causal LM, 8 runs
 
-BERT (MLM+NSP on the embedded King James Bible, `configs/bert.py:SIZE`) trains in each
+A model (`--config FILE.py:ARG`, default `configs/bert.py:tiny`: BERT, MLM+NSP on the
+embedded King James Bible; `configs/causal_lm.py:tiny`: the decoder-only LM on the same
+text; the variant and precision are appended to ARG) trains in each
 precision (`precision=fp32|bf16|fp16|fp8`; fp8 = E4M3 forward operands and E5M2
 output gradients of every linear layer, simulated) in four variants, each at its
-config's default peak lr (`configs/bert.py` DEFAULT_LR):
+config's default peak lr (the config file's DEFAULT_LR):
 
 - `sp`: standard parametrization, no loss scaling;
 - `sp+ls`: the same with a loss scale of 2^15 (`config.train.loss_scale_value`):
@@ -25,7 +30,9 @@ trains in FP16/FP8 without one, close to its FP32 result. So each run is compare
 the *same variant in fp32*, not with the other variants (u-μP BERT stalls at the
 unigram stage even in fp32: docs/results.md).
 
-Runs go to `--runs_dir` (default `runs/low_precision/SIZE-STEPSsteps`), one directory
+Runs go to `--runs_dir` (default `runs/low_precision/SIZE-STEPSsteps` for
+`configs/bert.py:SIZE`, else `runs/low_precision/STEM_ARG-STEPSsteps`, e.g.
+`causal_lm_tiny-150steps`), one directory
 per run named as `experiments.sweep` names grid points; finished runs are skipped, so
 an interrupted sweep resumes, and deleting some run directories (say the umup ones)
 reruns just those. A run that stops on a non-finite loss (`NonFiniteLossError`: the
@@ -34,10 +41,13 @@ recorded as diverged in `RUN/low_precision_status.json` and not retried unless
 `--retry_failed`; the sweep goes on. Arguments after `--` go to every run (e.g.
 `-- --config.train.rms_every=10`; they are not part of the run names).
 
-Outputs (`--out`, default `experiments/results/low_precision`): `results.md` (final eval
-loss and MLM accuracy, variant x precision, and one row per run), `results.json`, and
-`loss_curves.png` (train loss and MLM accuracy vs step, one panel per precision, the
-fp32 curve of each variant dotted for reference).
+Outputs (`--out`, default `experiments/results/low_precision` for BERT, else
+`experiments/results/low_precision/STEM_ARG`, e.g. `.../causal_lm_tiny`): `results.md`
+(final eval loss and accuracy, variant x precision, and one row per run), `results.json`,
+and `loss_curves.png` (train loss and accuracy vs step, one panel per precision, the fp32
+curve of each variant dotted for reference). The accuracy is BERT's MLM accuracy
+(`*/mlm_accuracy`) where the runs logged it, else the model's `*/accuracy` (next-token
+accuracy for the causal LM).
 """
 
 from __future__ import annotations
@@ -63,7 +73,25 @@ STATUS_FILE = "low_precision_status.json"
 LOG_FILE = "train.log"
 LABELS = {"sp": "SP", "sp+ls": "SP + loss scale", "unit": "unit scaling", "umup": "u-μP"}
 COLORS = {"sp": "tab:red", "sp+ls": "tab:orange", "unit": "tab:blue", "umup": "tab:green"}
+DEFAULT_CONFIG = "configs/bert.py:tiny"
 DEFAULT_OUT = os.path.join(sweep.ROOT, "experiments", "results", "low_precision")
+MODEL_NAMES = {"bert": "BERT", "causal_lm": "causal LM"}  # config file stem -> name
+
+
+def config_parts(config: str) -> tuple[str, str]:
+    """`"configs/causal_lm.py:tiny"` -> `("causal_lm", "tiny")`: the config file's stem
+    and its argument ("" if none)."""
+    path, _, arg = config.partition(":")
+    return os.path.splitext(os.path.basename(path))[0], arg
+
+
+def accuracy_metric(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    """The accuracy the runs logged, as (metric name, label): BERT's
+    `("mlm_accuracy", "MLM accuracy")` if any row has it, else `("accuracy", "accuracy")`
+    (the causal LM's next-token accuracy)."""
+    if any(k.endswith("/mlm_accuracy") for row in rows for k in row):
+        return "mlm_accuracy", "MLM accuracy"
+    return "accuracy", "accuracy"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,12 +135,12 @@ def train_flags(steps: int, log_every: int, eval_batches: int, rms_every: int = 
             "--config.train.checkpoint_every=0"]
 
 
-def plan(size: str, steps: int, precisions: Sequence[str], variants: Sequence[str],
+def plan(config: str, steps: int, precisions: Sequence[str], variants: Sequence[str],
          runs_dir: str, loss_scale: str = "static", ls_precisions: Sequence[str] = ("fp16", "fp8"),
          log_every: int = 10, eval_batches: int = 10, extra: Sequence[str] = (),
          rms_every: int = 50) -> list[Run]:
-    """Every run, precision-major; `sp+ls` only in `ls_precisions`."""
-    config = f"configs/bert.py:{size}"
+    """Every run of `config` (`FILE.py[:ARG]`), precision-major; `sp+ls` only in
+    `ls_precisions`."""
     flags = train_flags(steps, log_every, eval_batches, rms_every) + list(extra)
     runs = []
     for precision in precisions:
@@ -250,9 +278,9 @@ def collect_rows(runs: Sequence[Run], runs_dir: str) -> list[dict]:
             grads = {k: v for k, v in rms_rows[-1].items() if k.startswith("rms/grads/")}
             row["zero_grad_tensors"] = f"{sum(_number(v) == 0.0 for v in grads.values())}/{len(grads)}"
             row["rms_step"] = rms_rows[-1]["step"]
-        for key in ("train/loss", "train/mlm_accuracy", "train/loss_scale", "train/grads_finite",
-                    "eval/loss", "eval/mlm_loss", "eval/mlm_accuracy", "eval/nsp_accuracy",
-                    "perf/step_s"):
+        for key in ("train/loss", "train/mlm_accuracy", "train/accuracy", "train/loss_scale",
+                    "train/grads_finite", "eval/loss", "eval/mlm_loss", "eval/mlm_accuracy",
+                    "eval/accuracy", "eval/nsp_accuracy", "perf/step_s"):
             if key in metrics:
                 row[key] = _number(metrics[key])
         if state != "ok":  # an eval from a run that did not finish is not its final one
@@ -262,8 +290,9 @@ def collect_rows(runs: Sequence[Run], runs_dir: str) -> list[dict]:
     return rows
 
 
-def _cell(row: Mapping[str, Any] | None, reference: Mapping[str, Any] | None) -> str:
-    """`eval loss (Δ vs fp32) / MLM acc`, or why there is none."""
+def _cell(row: Mapping[str, Any] | None, reference: Mapping[str, Any] | None,
+          accuracy: str = "mlm_accuracy") -> str:
+    """`eval loss (Δ vs fp32) / eval accuracy`, or why there is none."""
     if row is None:
         return ""
     state = row["status"]
@@ -271,7 +300,7 @@ def _cell(row: Mapping[str, Any] | None, reference: Mapping[str, Any] | None) ->
         return f"**non-finite** (by step {row.get('nonfinite_by_step', '?')})"
     if state != "ok":
         return state
-    loss, acc = row.get("eval/loss"), row.get("eval/mlm_accuracy")
+    loss, acc = row.get("eval/loss"), row.get(f"eval/{accuracy}")
     if loss is None:
         return "no eval"
     text = f"{loss:.3f}"
@@ -286,37 +315,40 @@ def _cell(row: Mapping[str, Any] | None, reference: Mapping[str, Any] | None) ->
 def tables(rows: Sequence[Mapping[str, Any]], precisions: Sequence[str],
            variants: Sequence[str]) -> str:
     """The variant x precision table and the per-run table, as markdown."""
+    accuracy, label = accuracy_metric(rows)
     by = {(r["variant"], r["precision"]): r for r in rows}
     grid = []
     for variant in variants:
         line = {"variant": LABELS.get(variant, variant)}
         for precision in precisions:
             reference = by.get((variant.removesuffix("+ls"), "fp32"))
-            line[precision] = _cell(by.get((variant, precision)), reference)
+            line[precision] = _cell(by.get((variant, precision)), reference, accuracy)
         grid.append(line)
-    text = ("Final eval loss (difference to the same parametrization in fp32) / eval MLM "
-            "accuracy. SP + loss scale is compared with SP in fp32; an empty cell is a run "
+    text = ("Final eval loss (difference to the same parametrization in fp32) / eval "
+            f"{label}. SP + loss scale is compared with SP in fp32; an empty cell is a run "
             "not in the sweep.\n\n")
     text += report.markdown_table(grid, ["variant", *precisions])
-    detail = ["run", "status", "lr", "last_step", "train/loss", "eval/loss", "eval/mlm_accuracy",
-              "eval/nsp_accuracy", "train/loss_scale", "zero_grad_tensors", "perf/step_s", "wall_s"]
+    nsp = ["eval/nsp_accuracy"] if any("eval/nsp_accuracy" in r for r in rows) else []
+    detail = ["run", "status", "lr", "last_step", "train/loss", "eval/loss", f"eval/{accuracy}",
+              *nsp, "train/loss_scale", "zero_grad_tensors", "perf/step_s", "wall_s"]
     text += ("\nEvery run (train loss and loss scale at the last logged step; "
              "zero_grad_tensors: parameters whose whole gradient was exactly 0 at the last "
              "step with per-tensor RMS logged):\n\n")
     text += report.markdown_table(rows, detail, {
-        "lr": "g", "train/loss": ".3f", "eval/loss": ".3f", "eval/mlm_accuracy": ".3f",
+        "lr": "g", "train/loss": ".3f", "eval/loss": ".3f", f"eval/{accuracy}": ".3f",
         "eval/nsp_accuracy": ".3f", "train/loss_scale": "g", "perf/step_s": ".2f",
         "wall_s": ".0f"})
     return text
 
 
 def figure(runs: Sequence[Run], rows: Sequence[Mapping[str, Any]], path: str) -> str:
-    """Train loss (top) and train MLM accuracy (bottom) vs step, one column per
+    """Train loss (top) and train accuracy (bottom; `accuracy_metric`) vs step, one column per
     precision, one line per variant; the fp32 run of each variant dotted in the others;
     an x where a diverged run's log ends."""
     import matplotlib.pyplot as plt
 
     precisions = list(dict.fromkeys(r.precision for r in runs))
+    accuracy, label = accuracy_metric(rows)
     state = {r["run"]: r["status"] for r in rows}
     history = {r.name: _metrics(r.workdir) for r in runs}
     fp32 = {r.variant: r for r in runs if r.precision == "fp32"}
@@ -324,7 +356,7 @@ def figure(runs: Sequence[Run], rows: Sequence[Mapping[str, Any]], path: str) ->
                              squeeze=False, sharey="row")
     for col, precision in enumerate(precisions):
         for row, (key, ylabel) in enumerate((("train/loss", "train loss"),
-                                             ("train/mlm_accuracy", "train MLM accuracy"))):
+                                             (f"train/{accuracy}", f"train {label}"))):
             ax = axes[row][col]
             curves, styles = {}, {}
             for run in runs:
@@ -359,7 +391,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="tiny", help="configs/bert.py preset (tiny, mini, ...)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="FILE.py:ARG, e.g. configs/bert.py:mini or configs/causal_lm.py:tiny")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -372,8 +405,10 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--rms_every", type=int, default=50,
                         help="log per-tensor RMS every N steps (a multiple of --log_every)")
     parser.add_argument("--runs_dir", default=None,
-                        help="default runs/low_precision/SIZE-STEPSsteps")
-    parser.add_argument("--out", default=DEFAULT_OUT, help="results.{md,json} and the figure")
+                        help="default runs/low_precision/SIZE-STEPSsteps (BERT) or "
+                        "STEM_ARG-STEPSsteps")
+    parser.add_argument("--out", default=None, help="results.{md,json} and the figure; default "
+                        f"{os.path.relpath(DEFAULT_OUT, sweep.ROOT)} (BERT) or .../STEM_ARG")
     parser.add_argument("--print", action="store_true", help="print the commands only")
     parser.add_argument("--report_only", action="store_true",
                         help="collect and plot the existing runs; train nothing")
@@ -388,16 +423,20 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         args.ls_precisions = split_list(args.ls_precisions, PRECISIONS, "--ls_precisions")
     except ValueError as e:
         parser.error(str(e))
+    stem, arg = config_parts(args.config)
+    name = arg if stem == "bert" else "_".join(filter(None, (stem, arg)))  # BERT: as before
     if args.runs_dir is None:
         args.runs_dir = os.path.join(sweep.ROOT, "runs", "low_precision",
-                                     f"{args.size}-{args.steps}steps")
+                                     f"{name}-{args.steps}steps")
+    if args.out is None:
+        args.out = DEFAULT_OUT if stem == "bert" else os.path.join(DEFAULT_OUT, name)
     return args, extra
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parse_args(argv)
-    runs = plan(args.size, args.steps, args.precisions, args.variants, args.runs_dir,
+    runs = plan(args.config, args.steps, args.precisions, args.variants, args.runs_dir,
                 args.loss_scale, args.ls_precisions, args.log_every, args.eval_batches, extra,
                 args.rms_every)
     if args.print:
@@ -409,7 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_all(runs, args.retry_failed)
     rows = collect_rows(runs, args.runs_dir)
     command = shlex.join(["python", "-m", "experiments.low_precision", *argv])
-    markdown = (f"BERT `{args.size}` (configs/bert.py), {args.steps} steps per run, each "
+    stem, arg = config_parts(args.config)
+    path = args.config.partition(":")[0]
+    markdown = (f"{MODEL_NAMES.get(stem, stem)} `{arg}` ({path}), {args.steps} steps per run, each "
                 "variant at its config's default peak lr; fp8 = simulated E4M3 forward / "
                 "E5M2 gradients on the linear layers. Figure: `loss_curves.png`.\n\n"
                 + tables(rows, args.precisions, args.variants))

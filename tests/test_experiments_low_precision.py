@@ -1,5 +1,6 @@
-"""The low-precision experiment: its runs and commands, the runner's handling of a
-diverged run, and the report from fake run directories (no training)."""
+"""The low-precision experiment (BERT and the causal LM): its runs and commands, the
+runner's handling of a diverged run, and the report from fake run directories (no
+training)."""
 
 import json
 import shlex
@@ -36,7 +37,7 @@ def test_print_lists_every_run_with_loss_scale_only_for_fp16_fp8(capsys, tmp_pat
 
 
 def test_subsets_sizes_and_bad_values(capsys, tmp_path):
-    cmds = _commands(capsys, "--size", "mini", "--precisions", "fp8,fp32", "--variants",
+    cmds = _commands(capsys, "--config", "configs/bert.py:mini", "--precisions", "fp8,fp32", "--variants",
                      "umup,sp+ls", "--loss_scale", "dynamic", "--runs_dir", str(tmp_path))
     configs = [next(a for a in c if a.startswith("--config=")) for c in cmds]
     # precision-major in the canonical order; no sp+ls in fp32
@@ -51,7 +52,7 @@ def test_subsets_sizes_and_bad_values(capsys, tmp_path):
 
 def test_every_override_is_a_config_field(tmp_path):
     """The commands' config argument and overrides load (as train.py would)."""
-    for run in lp.plan("tiny", 5, lp.PRECISIONS, lp.VARIANTS, str(tmp_path)):
+    for run in lp.plan(lp.DEFAULT_CONFIG, 5, lp.PRECISIONS, lp.VARIANTS, str(tmp_path)):
         config_arg = next(a for a in run.cmd if a.startswith("--config=")).split("=", 1)[1]
         config = common.load_config(config_arg)
         assert config.precision == run.precision
@@ -65,12 +66,13 @@ def test_every_override_is_a_config_field(tmp_path):
                     assert value == "static" and run.variant == "sp+ls"
 
 
-def _fake_run(runs_dir, name, losses, steps, evals=None, log_every=1, rms=None):
+def _fake_run(runs_dir, name, losses, steps, evals=None, log_every=1, rms=None,
+              accuracy="mlm_accuracy"):
     run = runs_dir / name
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps(
         {"train": {"steps": steps, "log_every": log_every, "lr": 1e-3, "loss_scale": "none"}}))
-    rows = [{"step": (i + 1) * log_every, "train/loss": loss, "train/mlm_accuracy": 0.1,
+    rows = [{"step": (i + 1) * log_every, "train/loss": loss, f"train/{accuracy}": 0.1,
              "train/loss_scale": 1.0} for i, loss in enumerate(losses)]
     if rms:
         rows[-1].update({f"rms/grads/{k}": v for k, v in rms.items()})
@@ -132,3 +134,52 @@ def test_runner_records_divergence_and_carries_on(tmp_path, capsys):
     lp.run_all(runs)
     out = capsys.readouterr().out
     assert "a: diverged already" in out and "b: ok already" in out
+
+
+def test_default_paths_per_config():
+    args, _ = lp.parse_args(["--steps", "150"])
+    assert args.config == "configs/bert.py:tiny" and args.out == lp.DEFAULT_OUT
+    assert args.runs_dir.endswith("runs/low_precision/tiny-150steps")  # the recorded runs
+    args, _ = lp.parse_args(["--config", "configs/causal_lm.py:tiny", "--steps", "20"])
+    assert args.out == f"{lp.DEFAULT_OUT}/causal_lm_tiny"
+    assert args.runs_dir.endswith("runs/low_precision/causal_lm_tiny-20steps")
+
+
+def test_causal_lm_commands_load(capsys, tmp_path):
+    cmds = _commands(capsys, "--config", "configs/causal_lm.py:tiny", "--variants",
+                     "sp,sp+ls,umup", "--precisions", "fp32,fp16,fp8", "--runs_dir", str(tmp_path))
+    assert len(cmds) == 8  # sp, umup in each precision; sp+ls in fp16, fp8
+    for c in cmds:
+        config_arg = next(a for a in c if a.startswith("--config=")).split("=", 1)[1]
+        assert config_arg.startswith("configs/causal_lm.py:tiny,param=")
+        config = common.load_config(config_arg)
+        assert config.precision in ("fp32", "fp16", "fp8") and config.param in ("sp", "umup")
+    assert sum("--config.train.loss_scale=static" in c for c in cmds) == 2
+
+
+def test_causal_lm_report_uses_accuracy(tmp_path):
+    runs_dir, out = tmp_path / "runs", tmp_path / "out"
+    acc = {"accuracy": "accuracy"}
+    _fake_run(runs_dir, "param=sp,precision=fp32", [8.0, 7.0], 2,
+              {"eval/loss": 6.0, "eval/accuracy": 0.2}, **acc)
+    _fake_run(runs_dir, "param=sp,precision=fp8", [8.0, 7.5], 2,
+              {"eval/loss": 6.5, "eval/accuracy": 0.15}, **acc)
+    _fake_run(runs_dir, "param=umup,precision=fp32", [8.0, 6.9], 2,
+              {"eval/loss": 5.9, "eval/accuracy": 0.21}, **acc)
+    _fake_run(runs_dir, "param=umup,precision=fp8", [8.0, 6.9], 2,
+              {"eval/loss": 5.95, "eval/accuracy": 0.205}, **acc)
+    assert lp.main(["--report_only", "--config", "configs/causal_lm.py:tiny", "--steps", "2",
+                    "--precisions", "fp32,fp8", "--variants", "sp,umup",
+                    "--runs_dir", str(runs_dir), "--out", str(out)]) == 0
+    md = (out / "results.md").read_text()
+    assert "causal LM `tiny` (configs/causal_lm.py)" in md and "BERT" not in md
+    assert "/ eval accuracy." in md and "MLM" not in md and "nsp" not in md
+    assert "| eval/accuracy |" in md
+    grid = {line.split(" | ")[0].strip("| "): line for line in md.splitlines()
+            if line.startswith(("| SP", "| u-μP"))}
+    assert "6.000 / 20.0%" in grid["SP"] and "6.500 (+0.500) / 15.0%" in grid["SP"]
+    assert "5.950 (+0.050) / 20.5%" in grid["u-μP"]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["train/accuracy"] for r in rows} == {0.1}
+    assert lp.accuracy_metric(rows) == ("accuracy", "accuracy")
+    assert (out / "loss_curves.png").stat().st_size > 0

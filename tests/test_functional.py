@@ -574,3 +574,17 @@ def test_float16_runs_finite():
     grads = jax.grad(lambda p, x: block_loss(p, x).astype(jnp.float32))(params, x)
     assert all(g.dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(g)))
                for g in jax.tree.leaves(grads))
+
+
+def test_linear_weight_gradient_does_not_overflow_fp16():
+    # 4096 tokens whose output gradients all agree: the unscaled weight-gradient sum
+    # (4096 * 30 = 122880) is past fp16's 65504, the B^-1/2-scaled one (1920) is not.
+    x = jnp.ones((4096, 8), jnp.float16)
+    w = jnp.ones((8, 4), jnp.float16)
+    b = jnp.zeros((4,), jnp.float16)
+    g = jnp.full((4096, 4), 30.0, jnp.float16)
+    _, vjp = jax.vjp(lambda x, w, b: U.linear(x, w, b), x, w, b)
+    gx, gw, gb = vjp(g)
+    np.testing.assert_array_equal(np.asarray(gw, np.float32), np.full((8, 4), 1920.0))
+    np.testing.assert_array_equal(np.asarray(gb, np.float32), np.full((4,), 1920.0))
+    assert gx.dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(gx)))

@@ -27,6 +27,7 @@ Imports only jax, numpy and this package's `scale` and `formats`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional, Sequence
 
@@ -136,6 +137,9 @@ def linear(
         constraint, fan_in ** -scale_power[0], fan_out ** -scale_power[1]
     )
     grad_weight_scale = batch ** -scale_power[2]
+    if formats is None:
+        output = _dense(input, kernel, bias, grad_input_scale, grad_weight_scale)
+        return scale_fwd(output, output_scale)
     input = scale_bwd(input, grad_input_scale)
     kernel = scale_bwd(kernel, grad_weight_scale)
     output = formats_lib.matmul(input, kernel, formats)
@@ -143,6 +147,32 @@ def linear(
         bias = scale_bwd(bias, grad_weight_scale).astype(output.dtype)
         output = output + _lead(bias, output.ndim)
     return scale_fwd(output, output_scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _dense(x: Array, kernel: Array, bias: Optional[Array], grad_x_scale: float,
+           grad_w_scale: float) -> Array:
+    """`x @ kernel + bias` whose backward scales the weight and bias gradients *before*
+    summing over the batch: in fp16 the unscaled sum over thousands of tokens can
+    exceed 65504 (the u-μP readout's did), while the unit-scaled one does not."""
+    y = x @ kernel
+    return y if bias is None else y + _lead(bias.astype(y.dtype), y.ndim)
+
+
+def _dense_fwd(x, kernel, bias, grad_x_scale, grad_w_scale):
+    return _dense(x, kernel, bias, grad_x_scale, grad_w_scale), (x, kernel, bias)
+
+
+def _dense_bwd(grad_x_scale, grad_w_scale, res, g):
+    x, kernel, bias = res
+    g_x = (g @ kernel.T) * grad_x_scale
+    x2, g2 = x.reshape(-1, x.shape[-1]), (g * grad_w_scale).reshape(-1, g.shape[-1])
+    g_kernel = (x2.T @ g2).astype(kernel.dtype)
+    g_bias = None if bias is None else jnp.sum(g2, axis=0).astype(bias.dtype)
+    return g_x.astype(x.dtype), g_kernel, g_bias
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def linear_readout(

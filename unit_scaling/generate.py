@@ -25,16 +25,6 @@ from unit_scaling.data.tokenizer import CLS_ID, SEP_ID, tokenizer_from_config
 from unit_scaling.models import causal_lm
 from unit_scaling.train import tasks
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A causal-LM training run.", required=True)
-_PROMPT = flags.DEFINE_string("prompt", "", "Text to continue.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 48, "Tokens to sample.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens.")
-_TOP_P = flags.DEFINE_float("top_p", None, "Sample from the smallest set with this mass.")
-_NUM = flags.DEFINE_integer("num_samples", 1, "Samples to draw.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-
-
 def load_run(workdir: str):
     """`(model, params, tokenizer, config)` of the latest checkpoint of a causal-LM run."""
     with open(os.path.join(workdir, "config.json")) as f:
@@ -54,20 +44,35 @@ def load_run(workdir: str):
     return model, restored["state"]["params"], tokenizer, config
 
 
+def _define_flags() -> None:
+    # Defined only when run as a program, so that importing `load_run` next to other
+    # absl programs (train.py defines --workdir too) does not clash.
+    flags.DEFINE_string("workdir", None, "A causal-LM training run.", required=True)
+    flags.DEFINE_string("prompt", "", "Text to continue.")
+    flags.DEFINE_integer("max_new_tokens", 48, "Tokens to sample.")
+    flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
+    flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens.")
+    flags.DEFINE_float("top_p", None, "Sample from the smallest set with this mass.")
+    flags.DEFINE_integer("num_samples", 1, "Samples to draw.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
 def main(argv):
     del argv
-    model, params, tokenizer, _ = load_run(_WORKDIR.value)
-    prompt = np.concatenate([[CLS_ID], tokenizer.encode(_PROMPT.value)]).astype(np.int32)
-    prompts = np.tile(prompt[None], (_NUM.value, 1))
+    f = flags.FLAGS
+    model, params, tokenizer, _ = load_run(f.workdir)
+    prompt = np.concatenate([[CLS_ID], tokenizer.encode(f.prompt)]).astype(np.int32)
+    prompts = np.tile(prompt[None], (f.num_samples, 1))
     new = causal_lm.generate(
-        model, params, prompts, _MAX_NEW.value, jax.random.key(_SEED.value),
-        temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+        model, params, prompts, f.max_new_tokens, jax.random.key(f.seed),
+        temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
     )
     for row in np.asarray(new):
         end = np.flatnonzero(row == SEP_ID)
         row = row[: end[0]] if end.size else row
-        print(_PROMPT.value + tokenizer.decode(row.tolist()))
+        print(f.prompt + tokenizer.decode(row.tolist()))
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -37,8 +37,8 @@ per run named as `experiments.sweep` names grid points; finished runs are skippe
 an interrupted sweep resumes, and deleting some run directories (say the umup ones)
 reruns just those. A run that stops on a non-finite loss (`NonFiniteLossError`: the
 trainer exits non-zero and `metrics.jsonl` ends at the last good logged step) is
-recorded as diverged in `RUN/low_precision_status.json` and not retried unless
-`--retry_failed`; the sweep goes on. Arguments after `--` go to every run (e.g.
+marked failed by `sweep.run_one` (`RUN/failed`), reported as diverged from its
+`train.log`, and not retried unless `--retry_failed`; the sweep goes on. Arguments after `--` go to every run (e.g.
 `-- --config.train.rms_every=10`; they are not part of the run names).
 
 Outputs (`--out`, default `experiments/results/low_precision` for BERT, else
@@ -57,8 +57,6 @@ import dataclasses
 import json
 import os
 import shlex
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -69,7 +67,6 @@ from experiments import report, sweep
 VARIANTS = ("sp", "sp+ls", "unit", "umup")
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 LOSS_SCALES = ("static", "dynamic")
-STATUS_FILE = "low_precision_status.json"
 LOG_FILE = "train.log"
 LABELS = {"sp": "SP", "sp+ls": "SP + loss scale", "unit": "unit scaling", "umup": "u-μP"}
 COLORS = {"sp": "tab:red", "sp+ls": "tab:orange", "unit": "tab:blue", "umup": "tab:green"}
@@ -158,78 +155,34 @@ def plan(config: str, steps: int, precisions: Sequence[str], variants: Sequence[
 # ------------------------------------------------------------------------ running
 
 
-def _read_json(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _has_checkpoint(workdir: str) -> bool:
-    directory = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
-
-
 def status(workdir: str) -> str:
     """"ok" (logged its last step), "diverged" (stopped on a non-finite loss),
     "failed" (exited non-zero otherwise), "incomplete" (started, not finished, no
     recorded exit: still running, killed, or run elsewhere) or "missing"."""
     if sweep.finished(workdir):
         return "ok"
-    recorded = _read_json(os.path.join(workdir, STATUS_FILE))
-    if recorded and recorded.get("status") in ("diverged", "failed"):
-        return recorded["status"]
     log = os.path.join(workdir, LOG_FILE)
     if os.path.exists(log):
         with open(log, errors="replace") as f:
             if "NonFiniteLossError" in f.read():
                 return "diverged"
+    if sweep.failed(workdir):
+        return "failed"
     if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
         return "incomplete"
     return "missing"
 
 
-def execute(run: Run) -> dict:
-    """Runs `run.cmd` (output to `WORKDIR/train.log`) and records how it ended in
-    `WORKDIR/low_precision_status.json`; a non-zero exit is recorded, never raised.
-    A run that did not finish and left no checkpoint starts over in a clean directory
-    (`metrics.jsonl` is appended to, so stale rows would otherwise stay)."""
-    if os.path.isdir(run.workdir) and not _has_checkpoint(run.workdir):
-        shutil.rmtree(run.workdir)
-    os.makedirs(run.workdir, exist_ok=True)
-    start = time.perf_counter()
-    with open(os.path.join(run.workdir, LOG_FILE), "w") as log:
-        returncode = subprocess.run(list(run.cmd), cwd=sweep.ROOT, stdout=log, check=False,
-                                    stderr=subprocess.STDOUT).returncode
-    wall_s = time.perf_counter() - start
-    with open(os.path.join(run.workdir, LOG_FILE), errors="replace") as f:
-        text = f.read()
-    if returncode == 0 and sweep.finished(run.workdir):
-        outcome = "ok"
-    elif "NonFiniteLossError" in text:
-        outcome = "diverged"
-    else:
-        outcome = "failed"
-    error = next((line for line in reversed(text.splitlines()) if "Error" in line), "")
-    record = {"status": outcome, "returncode": returncode, "wall_s": round(wall_s, 1),
-              "error": error[-500:]}
-    with open(os.path.join(run.workdir, STATUS_FILE), "w") as f:
-        json.dump(record, f, indent=1)
-    return record
-
-
 def run_all(runs: Sequence[Run], retry_failed: bool = False) -> None:
-    """Executes every run that is not finished (and, unless `retry_failed`, did not
-    already diverge or fail), one after another, carrying on past failures."""
+    """Runs every run that is not finished (and, unless `retry_failed`, did not
+    already diverge or fail) with `sweep.run_one`, carrying on past failures."""
     for i, run in enumerate(runs, 1):
-        state = status(run.workdir)
-        if state == "ok" or (state in ("diverged", "failed") and not retry_failed):
-            print(f"[{i}/{len(runs)}] {run.name}: {state} already", flush=True)
-            continue
-        print(f"[{i}/{len(runs)}] running: {shlex.join(run.cmd)}", flush=True)
-        record = execute(run)
-        print(f"[{i}/{len(runs)}] {run.name}: {record['status']} in {record['wall_s']:.0f} s"
-              + (f" ({record['error']})" if record["status"] != "ok" else ""), flush=True)
+        failed_marker = os.path.join(run.workdir, "failed")
+        if retry_failed and os.path.exists(failed_marker):
+            os.remove(failed_marker)
+        print(f"[{i}/{len(runs)}] {run.name}", flush=True)
+        if sweep.run_one(list(run.cmd), run.workdir, keep_going=True, log_name=LOG_FILE) != "ok":
+            print(f"[{i}/{len(runs)}] {run.name}: {status(run.workdir)}", flush=True)
 
 
 # ------------------------------------------------------------------------ report
@@ -253,21 +206,21 @@ def _number(value: Any) -> float | None:
 
 def collect_rows(runs: Sequence[Run], runs_dir: str) -> list[dict]:
     """One row per planned run: variant, precision, status, the last logged metrics
-    (via `sweep.collect`), the step where a diverged run was caught, and its time."""
+    (via `sweep.collect`) and the step where a diverged run was caught."""
     last = {row["run"]: row for row in (sweep.collect(runs_dir) if os.path.isdir(runs_dir) else [])}
     rows = []
     for run in runs:
         state = status(run.workdir)
         metrics = last.get(run.name, {})
-        config = _read_json(os.path.join(run.workdir, "config.json")) or {}
-        recorded = _read_json(os.path.join(run.workdir, STATUS_FILE)) or {}
+        config_path = os.path.join(run.workdir, "config.json")
+        config = json.load(open(config_path)) if os.path.exists(config_path) else {}
         train = config.get("train", {})
         history = _metrics(run.workdir)
         train_steps = [m["step"] for m in history if "train/loss" in m]
         row = {"run": run.name, "variant": run.variant, "precision": run.precision,
                "status": state, "last_step": max(train_steps, default=0),
                "steps": train.get("steps"), "lr": train.get("lr"),
-               "loss_scale": train.get("loss_scale"), "wall_s": recorded.get("wall_s")}
+               "loss_scale": train.get("loss_scale")}
         if state == "diverged" and train.get("log_every"):
             # The loop checks for NaN at logging steps: the first bad step lies after
             # the last logged one and no later than the next logging step.
@@ -330,14 +283,13 @@ def tables(rows: Sequence[Mapping[str, Any]], precisions: Sequence[str],
     text += report.markdown_table(grid, ["variant", *precisions])
     nsp = ["eval/nsp_accuracy"] if any("eval/nsp_accuracy" in r for r in rows) else []
     detail = ["run", "status", "lr", "last_step", "train/loss", "eval/loss", f"eval/{accuracy}",
-              *nsp, "train/loss_scale", "zero_grad_tensors", "perf/step_s", "wall_s"]
+              *nsp, "train/loss_scale", "zero_grad_tensors", "perf/step_s"]
     text += ("\nEvery run (train loss and loss scale at the last logged step; "
              "zero_grad_tensors: parameters whose whole gradient was exactly 0 at the last "
              "step with per-tensor RMS logged):\n\n")
     text += report.markdown_table(rows, detail, {
         "lr": "g", "train/loss": ".3f", "eval/loss": ".3f", f"eval/{accuracy}": ".3f",
-        "eval/nsp_accuracy": ".3f", "train/loss_scale": "g", "perf/step_s": ".2f",
-        "wall_s": ".0f"})
+        "eval/nsp_accuracy": ".3f", "train/loss_scale": "g", "perf/step_s": ".2f"})
     return text
 
 
@@ -447,7 +399,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report_only:
         run_all(runs, args.retry_failed)
     rows = collect_rows(runs, args.runs_dir)
-    command = shlex.join(["python", "-m", "experiments.low_precision", *argv])
+    # The command that makes the results (a report of existing runs makes the same).
+    command = shlex.join(["python", "-m", "experiments.low_precision",
+                          *(a for a in argv if a != "--report_only")])
     stem, arg = config_parts(args.config)
     path = args.config.partition(":")[0]
     markdown = (f"{MODEL_NAMES.get(stem, stem)} `{arg}` ({path}), {args.steps} steps per run, each "

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
@@ -139,21 +140,41 @@ def run_points(config: str, todo: Iterable[dict[str, str]], sweep_dir: str,
         commands.append(cmd)
         if print_only:
             print(shlex.join(cmd))
-        elif finished(workdir):
-            print(f"done already: {workdir}")
-        elif keep_going and failed(workdir):
-            print(f"failed already: {workdir}")
         else:
-            print(f"running: {shlex.join(cmd)}", flush=True)
-            returncode = (run_in_process if in_process else _run)(cmd, workdir, log_name)
-            if returncode and not keep_going:
-                raise subprocess.CalledProcessError(returncode, cmd)
-            if returncode:
-                os.makedirs(workdir, exist_ok=True)
-                with open(os.path.join(workdir, "failed"), "w") as f:
-                    f.write(f"exit status {returncode}\n")
-                print(f"failed (exit status {returncode}): {workdir}", flush=True)
+            run_one(cmd, workdir, keep_going, log_name, in_process)
     return commands
+
+
+def run_one(cmd: list[str], workdir: str, keep_going: bool = False,
+            log_name: str | None = None, in_process: bool = False) -> str:
+    """Runs one `train.py` command (see `run_points`) and says how it went: "done
+    already", "failed already" (with `keep_going`), "ok" or "failed". A run that did
+    not finish and left no checkpoint starts over in a clean directory (its
+    `metrics.jsonl` is appended to, so stale rows would otherwise stay)."""
+    if finished(workdir):
+        print(f"done already: {workdir}")
+        return "done already"
+    if keep_going and failed(workdir):
+        print(f"failed already: {workdir}")
+        return "failed already"
+    if os.path.isdir(workdir) and not _has_checkpoint(workdir):
+        shutil.rmtree(workdir)
+    print(f"running: {shlex.join(cmd)}", flush=True)
+    returncode = (run_in_process if in_process else _run)(cmd, workdir, log_name)
+    if returncode and not keep_going:
+        raise subprocess.CalledProcessError(returncode, cmd)
+    if returncode:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "failed"), "w") as f:
+            f.write(f"exit status {returncode}\n")
+        print(f"failed (exit status {returncode}): {workdir}", flush=True)
+        return "failed"
+    return "ok"
+
+
+def _has_checkpoint(workdir: str) -> bool:
+    directory = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
 
 
 def _run(cmd: list[str], workdir: str, log_name: str | None) -> int:

@@ -90,9 +90,11 @@ def test_report_marks_diverged_and_compares_with_fp32(tmp_path, capsys):
               {"eval/loss": 6.5, "eval/mlm_accuracy": 0.11}, rms={"qkv": 0.0, "wo": 1e-4})
     _fake_run(runs_dir, "param=unit,precision=fp32", [8.0, 7.5, 7.0], 3,
               {"eval/loss": 7.0, "eval/mlm_accuracy": 0.08})
-    # diverged: metrics end before the last step; the runner recorded the exit
+    # diverged: metrics end before the last step; the runner marked it failed, the log
+    # says why
     bad = _fake_run(runs_dir, "param=sp,precision=fp16", [8.0], 3)
-    (bad / lp.STATUS_FILE).write_text(json.dumps({"status": "diverged", "returncode": 1}))
+    (bad / "failed").write_text("exit status 1\n")
+    (bad / lp.LOG_FILE).write_text("loop.NonFiniteLossError: non-finite values\n")
     # unit fp16 was never run: "missing"
     assert lp.main(["--report_only", "--steps", "3", "--precisions", "fp32,fp16", "--variants",
                     "sp,sp+ls,unit", "--runs_dir", str(runs_dir), "--out", str(out)]) == 0
@@ -106,7 +108,7 @@ def test_report_marks_diverged_and_compares_with_fp32(tmp_path, capsys):
     assert by[("sp+ls", "fp16")]["zero_grad_tensors"] == "1/2"
     assert by[("sp+ls", "fp16")]["rms_step"] == 3
     md = (out / "results.md").read_text()
-    assert md.startswith("Command: `python -m experiments.low_precision --report_only")
+    assert md.startswith("Command: `python -m experiments.low_precision --steps 3")
     grid = {line.split(" | ")[0].strip("| "): line for line in md.splitlines()
             if line.startswith(("| SP", "| unit"))}
     assert "**non-finite** (by step 2)" in grid["SP"] and "6.400 / 12.0%" in grid["SP"]
@@ -128,12 +130,14 @@ def test_runner_records_divergence_and_carries_on(tmp_path, capsys):
             lp.Run("unit", "fp16", "b", str(b), (sys.executable, "-c", finishes, str(b)))]
     lp.run_all(runs)
     assert lp.status(str(a)) == "diverged" and lp.status(str(b)) == "ok"
-    assert json.loads((a / lp.STATUS_FILE).read_text())["returncode"] == 1
+    assert (a / "failed").read_text() == "exit status 1\n"
     assert "NonFiniteLossError" in (a / lp.LOG_FILE).read_text()
     capsys.readouterr()
     lp.run_all(runs)
     out = capsys.readouterr().out
-    assert "a: diverged already" in out and "b: ok already" in out
+    assert f"failed already: {a}" in out and f"done already: {b}" in out
+    lp.run_all(runs, retry_failed=True)  # runs a again, not b
+    assert f"running: {sys.executable}" in capsys.readouterr().out
 
 
 def test_default_paths_per_config():

@@ -61,7 +61,7 @@ def test_bert_roles_in_the_table():
     t = optim.lr_table(params)
     for name in ("token_embed", "segment_embed", "position_embed"):
         assert t[f"encoder/{name}/embedding"] == pytest.approx(D**-0.5)
-    assert t["encoder/stack/layer_1/attention/qkv_bias"] == pytest.approx(N**-0.5)
+    assert t["encoder/stack/layer_1/attention/qv_bias"] == pytest.approx(N**-0.5)
     assert t["encoder/stack/layer_2/mlp/wo/kernel"] == pytest.approx((M * N) ** -0.5)
     assert t["pooler/dense/kernel"] == pytest.approx(D**-0.5)
     assert t["nsp/kernel"] == 1.0 and t["mlm_output_bias"] == 1.0

@@ -13,7 +13,7 @@ Param tree (both models; a pretraining checkpoint's `params["encoder"]` and
   encoder/position_embed/embedding [max_len, D] (position="learned" only)
   encoder/embed_norm/{scale, bias} [D]
   encoder/stack/layer_{i}/...  or  encoder/stack/layers/layer/... (scan_layers;
-      leading [num_layers] axis): attention/{qkv_kernel, qkv_bias, out_kernel,
+      leading [num_layers] axis): attention/{qkv_kernel, qv_bias, out_kernel,
       out_bias}, mlp/{wi, wo}/{kernel, bias}, norm_0, norm_1
   pooler/dense/{kernel [D, D], bias}           tanh pooler on [CLS]
   nsp/{kernel [D, 2], bias}                    role output
@@ -67,9 +67,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": dict(num_layers=12, d_model=768, num_heads=12, mlp_dim=3072),
     "large": dict(num_layers=24, d_model=1024, num_heads=16, mlp_dim=4096),
 }
-"""Parameter counts with the defaults (vocab 30522, max_len 512, tied readout):
-tiny 4,433,468; mini 11,267,900; small 29,058,876; medium 41,668,412; base 110,106,428;
-large 336,226,108 (tested in tests/test_models.py)."""
+"""Parameter counts with the defaults (vocab 30522, max_len 512, tied readout, no
+attention key bias): tiny 4,433,212; mini 11,266,876; small 29,056,828; medium
+41,664,316; base 110,097,212; large 336,201,532 (tested in tests/test_models.py)."""
 
 
 

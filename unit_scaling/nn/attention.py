@@ -20,10 +20,15 @@ class MultiHeadAttention(nn.Module):
     """Self-attention on x `[batch, len, d]` -> `[batch, len, d]`.
 
     Params: `qkv_kernel` `[d, heads, 3, head_dim]` ("embed", "heads", None, "kv") and
-    `qkv_bias` `[heads, 3, head_dim]`; `out_kernel` `[heads, head_dim, d]`
-    ("heads", "kv", "embed") and `out_bias` `[d]`. Kernels role "weight". The fused
-    kernel keeps `heads` as the major axis of the merged `heads*3*head_dim` matmul
-    dim, so tensor-sharding over heads survives the reshape.
+    `qv_bias` `[heads, 2, head_dim]` (query and value); `out_kernel`
+    `[heads, head_dim, d]` ("heads", "kv", "embed") and `out_bias` `[d]`. Kernels role
+    "weight". The fused kernel keeps `heads` as the major axis of the merged
+    `heads*3*head_dim` matmul dim, so tensor-sharding over heads survives the reshape.
+
+    No key bias: it adds `q . b_k` to every logit of a query, which softmax cancels,
+    so its true gradient is zero. A zero-gradient parameter is not harmless under
+    Adam, which normalises float round-off in that gradient into full-size updates
+    that differ between CPUs and XLA versions.
 
     Scales (unit/umup): each projection is `Parametrization.linear` (fan_in
     d resp. heads*head_dim); attention is `Parametrization.attention` (temperature
@@ -85,9 +90,12 @@ class MultiHeadAttention(nn.Module):
                                 self.param_dtype, fan_in=d)
         qkv_bias = None
         if self.use_bias:
-            qkv_bias = make_param(self, "qkv_bias", nn.initializers.zeros, (h, 3, dh),
-                                  ("heads", None, "kv"), "bias", self.depth,
-                                  self.param_dtype).astype(self.dtype).reshape(-1)
+            qv_bias = make_param(self, "qv_bias", nn.initializers.zeros, (h, 2, dh),
+                                 ("heads", None, "kv"), "bias", self.depth,
+                                 self.param_dtype).astype(self.dtype)
+            zero_key = jnp.zeros((h, 1, dh), self.dtype)
+            qkv_bias = jnp.concatenate([qv_bias[:, :1], zero_key, qv_bias[:, 1:]],
+                                       axis=1).reshape(-1)
         qkv = p.linear(x, qkv_kernel.astype(self.dtype).reshape(d, h * 3 * dh), qkv_bias,
                        self.formats)
         qkv = checkpoint_name(qkv, "qkv_proj").reshape(batch, length, h, 3, dh)

@@ -12,8 +12,9 @@ SMALL_CORPUS = "kjv:Genesis+Matthew"  # 78 chapters, 2,604 verses
 
 
 def small_bert_config(**data_overrides):
-    """configs/bert.py:tiny on SMALL_CORPUS, vocab 1000 (BPE), seq_len 64, batch 16."""
-    config = load_config("configs/bert.py:tiny")
+    """configs/bert.py:tiny,param=sp (BERT's own architecture; tests set `param`
+    afterwards) on SMALL_CORPUS, vocab 1000 (BPE), seq_len 64, batch 16."""
+    config = load_config("configs/bert.py:tiny,param=sp")
     config.data.corpus = SMALL_CORPUS
     config.data.tokenizer = "bpe"
     config.data.vocab_size = 1000

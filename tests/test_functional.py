@@ -77,6 +77,8 @@ def cases(dtype):
     q, k, v = (normal(10 + i, (2, 8, 2, 16), dtype) for i in range(3))
     ids = jax.random.randint(jax.random.key(6), (3, 5), 0, 11)
     table = normal(8, (11, 16), dtype)
+    seq = normal(13, (3, 10, 4), dtype)
+    picks = jnp.array([[1, 7], [0, 9], [4, 5]])
     labels = jax.random.randint(jax.random.key(9), (6,), 0, 16)
     keep = jax.random.bernoulli(DROP_KEY, 0.9, x.shape)
     s_att = attention_scale(16, 8, mult=2.0, causal=True)
@@ -103,6 +105,9 @@ def cases(dtype):
          1 / 16, (24**-0.5, 6**-0.5, 6**-0.5)),
         ("embedding", lambda t: U.embedding(ids, t), lambda t: t[ids], (table,),
          1.0, ((11 / 15) ** 0.5,)),
+        ("gather_positions", lambda a: U.gather_positions(a, picks),
+         lambda a: jnp.take_along_axis(a, picks[..., None], axis=1), (seq,),
+         1.0, ((10 / 2) ** 0.5,)),
         ("gelu", lambda a: U.gelu(a, constraint=None),
          lambda a: jax.nn.gelu(a, approximate=False), (x,),
          GELU_OUT(1), (GELU_GRAD(1),)),
@@ -275,6 +280,25 @@ def test_embedding_unit_grad():
     out, (g,) = measure(lambda t: U.embedding(ids, t), table)
     assert stat(out) == pytest.approx(1.0, abs=0.1)
     assert stat(g) == pytest.approx(1.0, abs=0.1)
+
+
+@pytest.mark.parametrize("count", [1, 10, 64])
+def test_gather_positions_unit_grad(count):
+    """P distinct positions of L (BERT's MLM positions; [CLS] is P = 1): the gradient
+    over the whole sequence tensor has unit RMS."""
+    length = 128
+    x = normal(0, (32, length, 64))
+    positions = jnp.argsort(jax.random.uniform(jax.random.key(1), (32, length)), axis=1)
+    positions = positions[:, :count]
+    out, (g,) = measure(lambda t: U.gather_positions(t, positions), x)
+    assert out.shape == (32, count, 64)
+    assert stat(out) == pytest.approx(1.0, abs=0.1)
+    assert stat(g) == pytest.approx(1.0, abs=0.1)
+
+
+def test_gather_positions_rejects_unbatched_positions():
+    with pytest.raises(ValueError, match=r"\[batch, P\]"):
+        U.gather_positions(normal(0, (2, 8, 4)), jnp.zeros((3, 1), jnp.int32))
 
 
 # The fitted rules of the nonlinearities target unit standard deviation of the output

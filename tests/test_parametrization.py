@@ -85,10 +85,59 @@ def test_residual_taus():
     p = Parametrization("umup", residual_mult=0.7, residual_attn_ratio=1.3)
     rule = U.transformer_residual_scaling_rule(0.7, 1.3)
     for layer in range(3):
-        assert p.residual_taus(layer, 3, post_norm=False) == (
-            rule(2 * layer, 6), rule(2 * layer + 1, 6))
+        assert p.residual_taus(layer, 3) == (rule(2 * layer, 6), rule(2 * layer + 1, 6))
+
+
+def test_post_norm_taus_follow_the_mults():
+    base = Parametrization("umup").post_norm_taus(128, 512, "gelu", 64)
+    p = Parametrization("umup", residual_mult=0.7, residual_attn_ratio=1.3)
     alpha_mlp = 0.7 * (2 / (1 + 1.3**2)) ** 0.5
-    assert p.residual_taus(2, 3, post_norm=True) == pytest.approx((1.3 * alpha_mlp, alpha_mlp))
+    assert p.post_norm_taus(128, 512, "gelu", 64) == pytest.approx(
+        (1.3 * alpha_mlp * base[0], alpha_mlp * base[1]))
+    # Standard BERT's ratios grow with width: the rule is width-aware.
+    wide = Parametrization("umup").post_norm_taus(512, 2048, "gelu", 64)
+    assert wide == pytest.approx((4 * base[0], 4 * base[1]))
+
+
+def _sp_dense(x, z, std=0.02):
+    """A standard dense layer with kernel `std * z` (z ~ N(0, 1))."""
+    return x @ (std * z)
+
+
+@pytest.mark.parametrize("param", ["unit", "umup"])
+@pytest.mark.parametrize("shared", [0.0, 0.6])
+def test_post_norm_taus_reproduce_standard_bert_branches(param, shared):
+    """With the same N(0,1) draws as the kernels, tau times the unit-scaled branch is
+    standard BERT's branch (std 0.02 kernels): the post-norm rule's derivation. With a
+    component shared by all positions (`shared` of the input's variance, like the
+    segment embeddings), which the unit-scaled attention amplifies by its output
+    scale, the attention branch stays within a factor 2 of BERT's (exact for umup,
+    whose attention is flat at init like BERT's)."""
+    p = Parametrization(param)
+    batch, length, d, heads, d_ff = 4, 64, 128, 2, 512
+    dh = d // heads
+    noise = _normal(0, (batch, length, d))
+    common = _normal(1, (batch, 1, d))
+    x = (1 - shared) ** 0.5 * noise + shared**0.5 * common
+    zq, zk, zv, zo = (_normal(10 + i, (d, d)) for i in range(4))
+    z1, z2 = _normal(20, (d, d_ff)), _normal(21, (d_ff, d))
+    heads_of = lambda t: t.reshape(batch, length, heads, dh)
+    merge = lambda t: t.reshape(batch, length, d)
+
+    sp = Parametrization("sp")
+    sp_attn = _sp_dense(merge(sp.attention(*(heads_of(_sp_dense(x, z)) for z in (zq, zk, zv)))), zo)
+    unit_attn = U.linear(merge(p.attention(*(heads_of(U.linear(x, z)) for z in (zq, zk, zv)))), zo)
+    sp_mlp = _sp_dense(jax.nn.gelu(_sp_dense(x, z1), approximate=False), z2)
+    unit_mlp = U.linear(p.gelu(U.linear(x, z1)), z2)
+
+    tau_attn, tau_mlp = p.post_norm_taus(d, d_ff, "gelu", length)
+    ratio = tau_attn * _rms(unit_attn) / _rms(sp_attn)
+    if param == "umup":
+        assert ratio == pytest.approx(1.0, rel=0.05)
+    else:  # 1/sqrt(d_head) logits are not flat at init; the output scale is a fit
+        assert 0.5 < ratio < 2, ratio
+    # MLP: gelu(z) ~ z/2 at BERT's small pre-activations; the unit gelu has RMS ~1.
+    assert _rms(sp_mlp) == pytest.approx(tau_mlp * _rms(unit_mlp), rel=0.15)
 
 
 def test_sp_attention_matches_jax_reference():

@@ -208,6 +208,36 @@ def embedding(ids: Array, table: Array) -> Array:
     return jnp.take(table, ids, axis=0)
 
 
+def gather_positions(x: Array, positions: Array) -> Array:
+    """Unit-scaled gather of sequence positions: `out[b, p] = x[b, positions[b, p]]`.
+
+    Shapes: x `[batch, L, ...]`, positions `[batch, P]` (integers in [0, L)); output
+    `[batch, P, ...]`. BERT's MLM head reads the P masked positions this way, and
+    the NSP pooler the [CLS] position (P = 1).
+    Forward: plain gather (unit-RMS rows stay unit RMS).
+    Backward: `g_x = (L/P)^1/2`. Derivation: the plain backward scatters a unit-RMS
+    gradient `[batch, P, ...]` into P of the L positions and zeros elsewhere, so over
+    `x` its RMS is `(P/L)^1/2` (for distinct positions); `(L/P)^1/2` restores unit RMS.
+    Without it an encoder under a P-of-L head starts from gradients of RMS
+    `(P/L)^1/2` (0.4 for BERT's 10 of 64, 0.125 for [CLS] of 64), the whole stack's
+    gradients shrink by that much, and a unit-scaled model's Adam sees them as noise
+    against the other path (NSP did not learn without it).
+    The input is usually read by other ops too (the MLM and NSP heads both read the
+    encoder output): each path's gradient is unit-scaled on its own, which weights the
+    losses against each other as unit scaling's losses always do (each loss's
+    gradient has unit RMS whatever its number of rows).
+    """
+    if positions.ndim != 2 or positions.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"gather_positions: positions {positions.shape} must be [batch, P] with the "
+            f"batch of x {x.shape}"
+        )
+    length, count = x.shape[1], positions.shape[1]
+    x = scale_bwd(x, (length / count) ** 0.5)
+    index = positions.astype(jnp.int32).reshape(positions.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
 # ---------------------------------------------------------------------- nonlinearities
 
 

@@ -74,7 +74,7 @@ def lr_factor(
         raise ValueError(f"optimizer={optimizer!r} is unknown; use one of {OPTIMIZERS}")
     if _name(parametrization) != "umup":
         return 1.0
-    depth = 1.0 if meta.depth is None else meta.depth**-0.5
+    depth = (1.0 if meta.depth is None else meta.depth**-0.5) * meta.lr_mult
     role = meta.role
     if optimizer == "adam" or readout_constraint is None:
         if role in ("weight", "embedding"):

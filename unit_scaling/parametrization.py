@@ -47,6 +47,9 @@ FormatPolicy = Optional[formats_lib.FormatPolicy]
 
 PARAMETRIZATIONS = ("sp", "unit", "umup")
 ROLES = ("weight", "bias", "norm", "output", "embedding")
+# The init std of the standard BERT whose post-norm branch ratios unit/umup reproduce
+# (`Parametrization.post_norm_taus`).
+POST_NORM_REFERENCE_STD = 0.02
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 
 # ------------------------------------------------------------------------- precision
@@ -90,13 +93,16 @@ class ScaledParam(nn.LogicallyPartitioned):
     `depth`: number of transformer layers for a parameter inside the layer stack, None
     outside it. `fan_in`: the u-μP fan-in (set by the module that knows which dims
     are inputs, e.g. d_model for a fused `[d, heads, 3, head_dim]` QKV kernel); None
-    means the default rule of `fan_in()`. Both are static (not pytree leaves), so they survive `jax.eval_shape`,
+    means the default rule of `fan_in()`. `lr_mult`: a further u-μP lr factor set by
+    the module that knows why (post-norm layers give their norms `tau_mlp`, see
+    `post_norm_norm_lr`). All are static (not pytree leaves), so they survive `jax.eval_shape`,
     `nn.scan`'s `add_axis` (which prepends the `layers` name) and tree maps over boxes.
     """
 
     role: str = struct.field(default="weight", pytree_node=False)
     depth: Optional[int] = struct.field(default=None, pytree_node=False)
     fan_in: Optional[int] = struct.field(default=None, pytree_node=False)
+    lr_mult: float = struct.field(default=1.0, pytree_node=False)
 
 
 def param_meta(params: Any) -> list[tuple[str, ScaledParam]]:
@@ -245,13 +251,35 @@ class Parametrization:
         return y if bias is None else y + _lead(bias.astype(y.dtype), y.ndim)
 
     def readout(
-        self, x: Array, kernel: Array, bias: Optional[Array] = None, formats: FormatPolicy = None
+        self, x: Array, kernel: Array, bias: Optional[Array] = None,
+        formats: FormatPolicy = None, tied: bool = False,
     ) -> Array:
-        """Final projection to logits. sp: plain; unit/umup: `U.linear_readout`
-        (forward fan_in^-1, so logits have RMS fan_in^-1/2 at init)."""
+        """Final projection to logits. sp: plain. unit/umup: `U.linear_readout` (forward
+        fan_in^-1, logits RMS fan_in^-1/2 at init: the μP readout), or for a readout
+        `tied` to the embedding table `U.linear` without a constraint (forward
+        fan_in^-1/2, logits RMS 1 at init).
+
+        Why a tied readout differs: the μP readout moves the logits by Θ(lr) per Adam
+        step because its kernel has u-μP lr factor 1, and fan_in^-1 times `fan_in`
+        aligned updates of size lr is lr. A tied table is an embedding, whose lr factor
+        is fan_in^-1/2, so through a fan_in^-1 readout its logits would move by
+        lr fan_in^-1/2, vanishing with width: tiny BERT's MLM head learned about 11x
+        too slowly and sat at the unigram stage. fan_in^-1/2 restores Θ(lr). Under
+        `unit` (lr factor 1 everywhere) the same scale trained BERT (docs/results.md).
+        """
+        if self.unit_scaled and tied:
+            return U.linear(x, kernel, bias, constraint=None, formats=formats)
         if self.unit_scaled:
             return U.linear_readout(x, kernel, bias, formats=formats)
         return self.linear(x, kernel, bias, formats)
+
+    def gather_positions(self, x: Array, positions: Array) -> Array:
+        """`x[b, positions[b, p]]`: `[B, L, ...]`, `[B, P]` -> `[B, P, ...]`.
+        unit/umup: `U.gather_positions` (backward scale `(L/P)^1/2`); sp: plain."""
+        if self.unit_scaled:
+            return U.gather_positions(x, positions)
+        index = positions.astype(jnp.int32).reshape(positions.shape + (1,) * (x.ndim - 2))
+        return jnp.take_along_axis(x, index, axis=1)
 
     def embed(self, ids: Array, table: Array) -> Array:
         """Lookup `table[ids]`; unit/umup scale the table gradient by (V/ids.size)^1/2."""
@@ -396,24 +424,81 @@ class Parametrization:
 
     # ------------------------------------------------------------------- residuals
 
-    def residual_taus(
-        self, layer: int, num_layers: int, post_norm: bool
-    ) -> tuple[float, float]:
-        """`(tau_attn, tau_mlp)` of transformer layer `layer` of `num_layers` (unit/umup).
+    def residual_taus(self, layer: int, num_layers: int) -> tuple[float, float]:
+        """Pre-norm `(tau_attn, tau_mlp)` of transformer layer `layer` of `num_layers`.
 
-        Pre-norm: the u-μP rule `U.transformer_residual_scaling_rule(residual_mult,
-        residual_attn_ratio)` over the `2*num_layers` branches (for `unit` the mults are
-        1: every branch contributes equally and all of them as much as the embedding).
-        Post-norm: the skip is re-normalised after every branch, so no depth rule is
-        needed; tau is the branch weight `alpha` of that rule (`alpha_attn`,
-        `alpha_mlp`), i.e. the branch:skip ratio set by the same two mults.
+        The u-μP rule `U.transformer_residual_scaling_rule(residual_mult,
+        residual_attn_ratio)` over the `2*num_layers` branches (for `unit` the mults
+        are 1: every branch contributes equally and all of them as much as the
+        embedding). Post-norm layers use `post_norm_taus`.
         """
-        rm, ratio = self.residual_mult, self.residual_attn_ratio
-        if post_norm:
-            alpha_mlp = rm * (2 / (1 + ratio**2)) ** 0.5
-            return ratio * alpha_mlp, alpha_mlp
-        rule = U.transformer_residual_scaling_rule(rm, ratio)
+        rule = U.transformer_residual_scaling_rule(self.residual_mult, self.residual_attn_ratio)
         return rule(2 * layer, 2 * num_layers), rule(2 * layer + 1, 2 * num_layers)
+
+    def post_norm_taus(
+        self, d_model: int, mlp_dim: int, activation: str, seq_len: int, causal: bool = False
+    ) -> tuple[float, float]:
+        """Post-norm `(tau_attn, tau_mlp)`: the branch:skip ratios of standard BERT at init.
+
+        A post-norm layer computes `norm(skip + tau * branch)` (unit scaling's
+        `residual_add` only adds the factor `(1+tau^2)^-1/2`, which the norm removes),
+        so tau is exactly the branch:skip ratio, and no later op renormalises it.
+        Standard BERT starts with small branches: its kernels are N(0, s^2),
+        s = `POST_NORM_REFERENCE_STD` = 0.02, so each dense layer is `s fan_in^1/2`
+        times a unit-scaled one, and for unit-RMS inputs
+        - attention `W_o attn(x W_v)` has RMS `(s d^1/2)^2 f`, where `f = S^-1/2`
+          (`(ln S / S)^1/2` causal) is the RMS of flat attention over S positions of
+          independent values: BERT's logits have RMS about `s^2 d = 0.05` at init;
+        - the GELU MLP `W_2 gelu(W_1 x)` has RMS `s^2 (d d_ff)^1/2 / 2`, because
+          `gelu(z) ~ z/2` at BERT's small pre-activations (RMS `s d^1/2`); SwiGLU's
+          `x silu(g) ~ x g / 2` makes it `s^3 d d_ff^1/2 / 2`;
+        while the unit-scaled branches have RMS 1. Hence
+        `tau_attn = alpha_attn s^2 d f` and `tau_mlp = alpha_mlp s^2 (d d_ff)^1/2 / 2`
+        (GELU): width-aware as standard BERT is. tiny BERT (d 128, d_ff 512, S 64):
+        0.0064 and 0.051; base (768, 3072, S 128): 0.027 and 0.31. The small attention
+        tau also damps what the unit-scaled attention does to a component shared by
+        all positions (segment embeddings, norm biases): plain attention passes it
+        unchanged, the unit-scaled one multiplies it by its output scale (about
+        `S^1/2`). The u-μP mults keep their meaning through
+        `alpha_mlp = residual_mult (2/(1+r^2))^1/2` and `alpha_attn = r alpha_mlp`
+        (r = `residual_attn_ratio`): all branches against the skip, and attention
+        against MLP. With tau = 1 unit-scaled post-norm BERT never left the unigram
+        stage (docs/results.md, "BERT's own architecture").
+        """
+        alpha_attn, alpha_mlp = self._branch_alphas()
+        s = POST_NORM_REFERENCE_STD
+        flat = ((math.log(seq_len) if causal else 1.0) / seq_len) ** 0.5
+        return alpha_attn * s**2 * d_model * flat, self._post_norm_tau_mlp(d_model, mlp_dim, activation)
+
+    def _branch_alphas(self) -> tuple[float, float]:
+        """`(alpha_attn, alpha_mlp)` of the u-μP mults (`transformer_residual_scaling_rule`)."""
+        alpha_mlp = self.residual_mult * (2 / (1 + self.residual_attn_ratio**2)) ** 0.5
+        return self.residual_attn_ratio * alpha_mlp, alpha_mlp
+
+    def _post_norm_tau_mlp(self, d_model: int, mlp_dim: int, activation: str) -> float:
+        s = POST_NORM_REFERENCE_STD
+        mlp = s**2 * (d_model * mlp_dim) ** 0.5 / 2
+        if activation == "swiglu":
+            mlp *= s * d_model**0.5
+        return self._branch_alphas()[1] * mlp
+
+    def norm_lr_mult(self, norm_position: str, d_model: int, mlp_dim: int,
+                     activation: str) -> float:
+        """The u-μP lr factor of every norm gain and bias (`ScaledParam.lr_mult`): 1
+        pre-norm; post-norm, the MLP branch weight `tau_mlp` of `post_norm_taus`.
+
+        Why: u-μP's lr factor 1 for norms was set on pre-norm models, where a norm
+        feeds one branch, whose effect on the residual stream the branch weight tau
+        then damps. A post-norm norm *is* the stream: every layer's output is its
+        output, so the same update moves the stream about 1/tau times more. Scaling
+        its lr by tau_mlp (the larger branch weight) gives it the effect it has
+        pre-norm. Measured on tiny BERT (tau_mlp 0.051), eval MLM accuracy at 300
+        steps: 8.4% with factor 1, 13.3% with 0.1, 13.9% with tau_mlp (SP 11.4%;
+        docs/results.md, "BERT's own architecture").
+        """
+        if norm_position != "post":
+            return 1.0
+        return self._post_norm_tau_mlp(d_model, mlp_dim, activation)
 
     def residual_split(self, x: Array, tau: float | Array) -> tuple[Array, Array]:
         """`(branch input, skip)`; unit/umup: `U.residual_split(x, tau)`.

@@ -23,10 +23,14 @@ Param tree (both models; a pretraining checkpoint's `params["encoder"]` and
   classifier/{kernel [D, C], bias}             (classification only)
 
 Scales of the ops the reference lacks (unit/umup; derivations in the
-`Parametrization` docstrings): the summed token+segment+position embeddings are scaled
-by 3^-1/2 forward only (`sum_embeddings`); the tanh pooler by 1.593 (E[tanh(x)^2]^-1/2
-for x ~ N(0,1)); the tied readout is `linear_readout` on the table, whose gradient is
-scaled by 2^-1/2 at each of its two uses (`Embedding`).
+`Parametrization` and `functional` docstrings): the summed token+segment+position
+embeddings are scaled by 3^-1/2 forward only (`sum_embeddings`); the MLM positions and
+the [CLS] position are read with `U.gather_positions` (backward `(L/P)^1/2`), and the
+encoder output's gradient from the two heads by 2^-1/2 each; the tanh pooler by 1.593
+(E[tanh(x)^2]^-1/2 for x ~ N(0,1)); the tied readout is a fan_in^-1/2 linear on the
+table (`Parametrization.readout`), whose gradient is scaled by 2^-1/2 at each of its
+two uses (`Embedding`). Post-norm residual branch weights and norm lrs:
+`Parametrization.post_norm_taus` and `norm_lr_mult`.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from unit_scaling import nn as unn
 from unit_scaling.models.config import TransformerConfig, make_config
 from unit_scaling.nn.partitioning import constrain, make_param
 from unit_scaling.nn.positions import sinusoidal
+from unit_scaling.scale import scale_bwd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +100,7 @@ class BertEncoder(nn.Module):
             self.position_embed = unn.Embedding(c.max_len, c.d_model, axes=(None, "embed"),
                                                 **kw)
         self.embed_norm = unn.make_norm(c.norm, epsilon=c.norm_epsilon, use_bias=c.use_bias,
-                                        **kw)
+                                        lr_mult=c.norm_lr_mult, **kw)
         self.embed_dropout = unn.Dropout(c.dropout, parametrization=c.parametrization)
         self.stack = c.stack(causal=False)
 
@@ -130,7 +135,8 @@ class _Pooler(nn.Module):
     @nn.compact
     def __call__(self, hidden):
         c = self.config
-        cls = hidden[:, 0]
+        cls = c.parametrization.gather_positions(
+            hidden, jnp.zeros((hidden.shape[0], 1), jnp.int32))[:, 0]
         h = unn.Linear(c.d_model, kernel_axes=("embed", None), use_bias=c.use_bias,
                        formats=c.formats, name="dense", **c.module_kwargs())(cls)
         return c.parametrization.tanh(h)
@@ -177,7 +183,7 @@ class BertForPreTraining(nn.Module):
         self.mlm_dense = unn.Linear(c.d_model, kernel_axes=("embed", None), formats=c.formats,
                                     use_bias=c.use_bias, name="mlm_dense", **kw)
         self.mlm_norm = unn.make_norm(c.norm, epsilon=c.norm_epsilon, use_bias=c.use_bias,
-                                      name="mlm_norm", **kw)
+                                      lr_mult=c.norm_lr_mult, name="mlm_norm", **kw)
         if c.tie_embeddings and c.use_bias:
             self.mlm_output_bias = make_param(self, "mlm_output_bias", nn.initializers.zeros,
                                               (c.vocab_size,), ("vocab",), "bias", None,
@@ -189,7 +195,7 @@ class BertForPreTraining(nn.Module):
     def mlm_logits(self, hidden: jax.Array, positions: jax.Array) -> jax.Array:
         """Logits `[B, P, V]` (float32) at `positions [B, P]` of `hidden [B, L, D]`."""
         c = self.config
-        h = jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
+        h = c.parametrization.gather_positions(hidden, positions)
         h = self.mlm_norm(c.parametrization.gelu(self.mlm_dense(h)))
         if c.tie_embeddings:
             bias = self.mlm_output_bias.astype(c.dtype) if c.use_bias else None
@@ -204,6 +210,11 @@ class BertForPreTraining(nn.Module):
         p = c.parametrization
         hidden = self.encoder(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
                               deterministic=deterministic)
+        if p.unit_scaled:
+            # Two heads read the encoder output, each sending back a unit-scaled
+            # gradient; their sum has RMS 2^1/2, so each is scaled by 2^-1/2 (as the
+            # tied embedding table's two uses are).
+            hidden = scale_bwd(hidden, 2**-0.5)
         mlm_logits = self.mlm_logits(hidden, batch["masked_lm_positions"])
         weights = batch["masked_lm_weights"].astype(jnp.float32)
         mlm_loss = p.cross_entropy(mlm_logits, batch["masked_lm_ids"], weights)

@@ -113,6 +113,12 @@ class TransformerConfig:
         )
 
     @property
+    def norm_lr_mult(self) -> float:
+        """u-μP lr factor of the norms outside the stack (`Parametrization.norm_lr_mult`)."""
+        return self.parametrization.norm_lr_mult(self.norm_position, self.d_model,
+                                                 self.mlp_dim, self.activation)
+
+    @property
     def dtype(self) -> Any:
         """The compute dtype."""
         return resolve_precision(self.precision, self.real_fp8)[0]

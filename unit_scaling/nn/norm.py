@@ -16,9 +16,9 @@ from unit_scaling.parametrization import Parametrization
 class LayerNorm(nn.Module):
     """LayerNorm of x `[..., d]` -> `[..., d]` in the compute dtype.
 
-    Gain `scale` `[d]` (init 1, role "norm") and `bias` `[d]` (init 0, role "bias"),
-    each optional. Forward is plain (normalised outputs are unit-scaled already);
-    unit/umup scale the gain/bias gradients by batch^-1/2.
+    Gain `scale` `[d]` (init 1) and `bias` `[d]` (init 0), each optional, both role
+    "norm" and `lr_mult` (u-μP). Forward is plain (normalised outputs are unit-scaled
+    already); unit/umup scale the gain/bias gradients by batch^-1/2.
     """
 
     epsilon: float = 1e-6
@@ -29,6 +29,7 @@ class LayerNorm(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     depth: Optional[int] = None
+    lr_mult: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -36,18 +37,18 @@ class LayerNorm(nn.Module):
         scale = bias = None
         if self.use_scale:
             scale = make_param(self, "scale", nn.initializers.ones, (d,), (self.axis_name,),
-                               "norm", self.depth, self.param_dtype)
+                               "norm", self.depth, self.param_dtype, lr_mult=self.lr_mult)
         if self.use_bias:
             bias = make_param(self, "bias", nn.initializers.zeros, (d,), (self.axis_name,),
-                              "bias", self.depth, self.param_dtype)
+                              "norm", self.depth, self.param_dtype, lr_mult=self.lr_mult)
         return self.parametrization.layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
 
 
 class RMSNorm(nn.Module):
     """RMSNorm of x `[..., d]`: `x / rms(x) * scale`, gain optional (`use_scale`).
 
-    Gain `scale` `[d]` (init 1, role "norm"); unit/umup scale its gradient by
-    batch^-1/2.
+    Gain `scale` `[d]` (init 1, role "norm", `lr_mult`); unit/umup scale its gradient
+    by batch^-1/2.
     """
 
     epsilon: float = 1e-6
@@ -57,13 +58,15 @@ class RMSNorm(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     depth: Optional[int] = None
+    lr_mult: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = None
         if self.use_scale:
             scale = make_param(self, "scale", nn.initializers.ones, (x.shape[-1],),
-                               (self.axis_name,), "norm", self.depth, self.param_dtype)
+                               (self.axis_name,), "norm", self.depth, self.param_dtype,
+                               lr_mult=self.lr_mult)
         return self.parametrization.rms_norm(x.astype(self.dtype), scale, self.epsilon)
 
 

@@ -45,6 +45,7 @@ def make_param(
     depth: Optional[int],
     param_dtype: Any,
     fan_in: Optional[int] = None,
+    lr_mult: float = 1.0,
 ) -> jax.Array:
     """Creates `module.param(name)` boxed as a `ScaledParam` and returns its value.
 
@@ -55,6 +56,7 @@ def make_param(
       depth: number of transformer layers when inside the stack, else None.
       fan_in: the u-μP fan-in when it is not the product of all but the last dim
         (e.g. a fused QKV kernel `[d, heads, 3, head_dim]` has fan_in d).
+      lr_mult: a further u-μP lr factor (`ScaledParam.lr_mult`).
     """
     if len(names) != len(shape):
         raise ValueError(f"param {name}: names {names} do not match shape {shape}")
@@ -63,7 +65,7 @@ def make_param(
 
     def boxed_init(key, shape, dtype):
         return ScaledParam(init(key, shape, dtype), names=tuple(names), role=role,
-                           depth=depth, fan_in=fan_in)
+                           depth=depth, fan_in=fan_in, lr_mult=lr_mult)
 
     return module.param(name, boxed_init, tuple(shape), param_dtype)
 

@@ -42,9 +42,9 @@ class TransformerLayer(nn.Module):
     residual_split(x, tau)` (sp: `x + dropout(f(x))`), and
     - pre-norm: `f = branch(norm(x))`;
     - post-norm (BERT): `x = norm(residual_add(...))` after each branch.
-    `tau` per branch from `Parametrization.residual_taus(layer, num_layers, post_norm)`,
-    or the `taus` argument `[2]` (a traced value, used under `nn.scan` where the layer
-    index is not static). `deterministic` and `decode` are fields, not call arguments,
+    `tau` per branch from `layer_taus` (the u-μP depth rule pre-norm, standard BERT's
+    branch ratios post-norm), or the `taus` argument `[2]` (a traced value, used under
+    `nn.scan` where the layer index is not static). `deterministic` and `decode` are fields, not call arguments,
     so that `nn.scan` and `nn.remat` see them as static.
     """
 
@@ -89,12 +89,14 @@ class TransformerLayer(nn.Module):
         p = self.parametrization
         post = self.norm_position == "post"
         if taus is None:
-            tau_attn, tau_mlp = p.residual_taus(self.layer, self.num_layers, post)
+            tau_attn, tau_mlp = layer_taus(self, self.layer, x.shape)
         else:
             tau_attn, tau_mlp = taus[0], taus[1]
         common = dict(parametrization=p, dtype=self.dtype, param_dtype=self.param_dtype,
                       depth=self.depth)
-        norm_kw = dict(epsilon=self.norm_epsilon, **common)
+        norm_kw = dict(epsilon=self.norm_epsilon, **common,
+                       lr_mult=p.norm_lr_mult(self.norm_position, x.shape[-1], self.mlp_dim,
+                                              self.activation))
         if self.norm == "layer_norm":
             norm_kw["use_bias"] = self.use_bias
         attn = MultiHeadAttention(
@@ -133,6 +135,19 @@ _LAYER_FIELDS = tuple(
     f.name for f in dataclasses.fields(TransformerLayer)
     if f.name not in ("parent", "name", "layer", "num_layers", "depth", "deterministic")
 )
+
+
+def layer_taus(module: nn.Module, layer: int, x_shape: tuple[int, ...]) -> tuple[float, float]:
+    """`(tau_attn, tau_mlp)` of layer `layer` for a `TransformerLayer` or
+    `TransformerStack` (their fields) on input `x_shape` `[batch, len, d]`:
+    `Parametrization.residual_taus` pre-norm, `post_norm_taus` post-norm (with the
+    attention's scale length: `max_len` when `scale_seq_len_from_max_len`, else `len`)."""
+    p = module.parametrization
+    if module.norm_position != "post":
+        return p.residual_taus(layer, module.num_layers)
+    seq_len = module.max_len if module.scale_seq_len_from_max_len else x_shape[1]
+    return p.post_norm_taus(x_shape[-1], module.mlp_dim, module.activation, seq_len,
+                            module.causal)
 
 
 class TransformerStack(nn.Module):
@@ -200,11 +215,8 @@ class TransformerStack(nn.Module):
                 prevent_cse=not self.scan_layers,
             )
         n = self.num_layers
-        post = self.norm_position == "post"
         if self.scan_layers:
-            taus = np.array(
-                [self.parametrization.residual_taus(i, n, post) for i in range(n)], np.float32
-            )
+            taus = np.array([layer_taus(self, i, x.shape) for i in range(n)], np.float32)
             scanned = nn.scan(
                 _ScanAdapter,
                 variable_axes={"params": 0, "cache": 0, "intermediates": 0},
@@ -222,7 +234,9 @@ class TransformerStack(nn.Module):
                     x, None, mask, segment_ids, positions)
         if self.final_norm:
             norm_kw = dict(epsilon=self.norm_epsilon, parametrization=self.parametrization,
-                           dtype=self.dtype, param_dtype=self.param_dtype)
+                           dtype=self.dtype, param_dtype=self.param_dtype,
+                           lr_mult=self.parametrization.norm_lr_mult(
+                               self.norm_position, x.shape[-1], self.mlp_dim, self.activation))
             if self.norm == "layer_norm":
                 norm_kw["use_bias"] = self.use_bias
             x = make_norm(self.norm, name="final_norm", **norm_kw)(x)

@@ -45,7 +45,7 @@ def config(**train):
     c.seed = 0
     c.model = {"name": "toy"}
     c.param = "sp"
-    c.data = {"vocab_size": 0}
+    c.data = {"vocab_size": 0, "num_workers": 0}
     c.mesh = {"data": -1, "fsdp": 1, "tensor": 1, "rules": [["batch", ["data", "fsdp"]]]}
     c.train = train_config(steps=10, warmup_steps=2, global_batch_size=16, log_every=1,
                            eval_every=0, eval_batches=1, checkpoint_every=5,
@@ -187,6 +187,10 @@ def test_resume_refuses_a_changed_trajectory_unless_allowed(tmp_path, capsys):
     assert "train.steps: 5 -> 8" in str(e.value) and "train.lr: 0.001 -> 0.002" in str(e.value)
     assert "allow_resume_changes=true" in str(e.value)
     assert (tmp_path / "config.json").read_text() == before  # a refused resume writes nothing
+    workers = config(steps=5)
+    workers.data.num_workers = 2  # the saved iterator state needs the same count
+    with pytest.raises(ConfigError, match=r"data.num_workers: 0 -> 2.*saved data-iterator state"):
+        loop.run(workers, str(tmp_path), make_task_factory(Batches()))
     changed.train.allow_resume_changes = True
     loop.run(changed, str(tmp_path), make_task_factory(Batches()))
     assert "resuming with a changed config: train.lr: 0.001 -> 0.002" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 
+import ml_collections
 import pytest
 from etils.epath import testing as epath_testing
 
@@ -59,8 +60,6 @@ def test_remote_workdir_goes_through_epath(tmp_path, monkeypatch):
 
 
 def checkpoint_config():
-    import ml_collections
-
     return ml_collections.ConfigDict({"train": {"steps": 10}, "data": {"corpus": "kjv"}})
 
 
@@ -95,3 +94,38 @@ def test_missing_and_empty_workdirs_name_the_problem(tmp_path):
     with pytest.raises(RunDirError, match="has no checkpoint"):
         RunDir(tmp_path).restore_params()
 
+
+
+def test_a_workdir_that_cannot_be_written_is_refused(tmp_path):
+    # (Permission bits do not stop root, who runs the CI: fake the failing write.)
+    def no_writes(original, path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            raise PermissionError(13, "Permission denied")
+        return original(path, mode, *args, **kwargs)
+
+    with epath_testing.mock_epath(open=no_writes):
+        with pytest.raises(RunDirError, match=r"is not writable \(Permission denied\)"):
+            RunDir(tmp_path / "run").check_usable()
+
+
+def fake_run(path, objective, steps=()):
+    run = RunDir(path)
+    run.check_usable()
+    run.write_config(ml_collections.ConfigDict({"data": {"objective": objective}}))
+    for step in steps:
+        (run.checkpoints / str(step)).mkdir(parents=True)
+    return str(path)
+
+
+def test_init_from_must_be_a_pretraining_run_with_a_checkpoint(tmp_path):
+    from unit_scaling.errors import ConfigError
+    from unit_scaling.train import tasks
+
+    config = ml_collections.ConfigDict({"init_from": fake_run(tmp_path / "lm", "causal_lm", [2])})
+    with pytest.raises(ConfigError, match="trained 'causal_lm'.*from an 'mlm_nsp' pretraining run"):
+        tasks.check_init_from(config)
+    config.init_from = fake_run(tmp_path / "bert", "mlm_nsp")
+    with pytest.raises(ConfigError, match="has no checkpoint in .*checkpoints"):
+        tasks.check_init_from(config)
+    config.init_from = fake_run(tmp_path / "bert2", "mlm_nsp", [2])
+    tasks.check_init_from(config)  # a finished pretraining run passes

@@ -53,6 +53,8 @@ def error_line(done, traceback_free=True) -> str:
     (["--config.data.corpus=text:/nonexistent/*.txt"], "error: data.corpus='text:/nonexistent/*.txt' matches no files"),
     ("workdir-is-a-file", "is a file, not a directory"),
     ("generate-missing", "does not exist; pass the --workdir of a train.py run"),
+    ("analysis-missing", "does not exist; pass the --workdir of a train.py run"),
+    ("data-unknown-field", "error: --config.data.seq_lenn: no such config field"),
 ])
 def test_configuration_and_input_errors_are_one_line_exit_2(tmp_path, extra, expected):
     workdir = tmp_path / "run"
@@ -61,6 +63,11 @@ def test_configuration_and_input_errors_are_one_line_exit_2(tmp_path, extra, exp
         cmd = command(workdir, *TINY)
     elif extra == "generate-missing":
         cmd = command(workdir, program=("-m", "unit_scaling.generate"))
+    elif extra == "analysis-missing":
+        cmd = command(workdir, f"--out={tmp_path}", program=("-m", "unit_scaling.analysis"))
+    elif extra == "data-unknown-field":
+        cmd = [sys.executable, "-m", "unit_scaling.data", "--config=configs/bert.py:tiny",
+               "--config.data.seq_lenn=3"]
     else:
         cmd = command(workdir, *TINY, *extra)
     done = launch(cmd)

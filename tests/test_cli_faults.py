@@ -25,7 +25,7 @@ TINY = [
     "--config.model.d_model=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
     "--config.model.mlp_dim=64", "--config.model.max_len=64", "--config.train.global_batch_size=16",
     "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.warmup_steps=2",
-    "--config.train.checkpoint_every=5", "--config.train.steps=20",
+    "--config.train.checkpoint_every=5", "--config.train.steps=30",
 ]
 
 
@@ -93,14 +93,14 @@ def test_locked_preempted_corrupt_and_resumed(tmp_path):
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 143, err[-3000:]
     assert "preempted by SIGTERM: saved step" in err and "final:" not in out
     steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     stopped = steps[-1]
-    assert 7 <= stopped < 20 and len(steps) == 2  # keep_checkpoints=2
+    assert 7 <= stopped < 30 and len(steps) == 2  # keep_checkpoints=2
     assert max(json.loads(line)["step"] for line in metrics.read_text().splitlines()) == stopped
     assert not (workdir / "lock").exists()
 
@@ -127,15 +127,14 @@ def test_locked_preempted_corrupt_and_resumed(tmp_path):
     assert "final:" in done.stdout
     assert os.listdir(workdir / "skipped_checkpoints") == [str(stopped)]
     logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert logged == list(range(1, 21))  # each step once
+    assert logged == list(range(1, 31))  # each step once
     assert (workdir / "tokenizer.model").exists()
 
 
 def test_a_failed_save_stops_the_run_naming_the_step_and_the_free_space(tmp_path):
     """No file over 1 MB may be written (RLIMIT_FSIZE: the tokenizer, ~250 kB, fits; the
     checkpoint of a 128-wide model does not): the first save fails, the run stops with
-    exit 2 at the latest at the next save, and the rerun without the limit starts over
-    cleanly."""
+    exit 2 at the latest at the next save, naming the step it lost."""
     workdir = tmp_path / "run"
     cmd = command(workdir, *TINY, "--config.model.d_model=128", "--config.train.checkpoint_every=2",
                   "--config.train.steps=6")
@@ -149,7 +148,6 @@ def test_a_failed_save_stops_the_run_naming_the_step_and_the_free_space(tmp_path
     assert f"could not save step 2 in {workdir}/checkpoints" in line and "GB free there" in line
     assert "File too large" in line and "no checkpoint had been saved yet" in line
     assert not [s for s in os.listdir(workdir / "checkpoints") if s.isdigit()]
-    done = launch(cmd)
-    assert done.returncode == 0, done.stderr[-3000:]
-    logged = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert logged == list(range(1, 7))  # the failed attempt's rows are gone
+    assert not (workdir / "lock").exists()  # released: the rerun may start
+    # (that a rerun then starts over cleanly is tests/test_loop.py's
+    # test_failed_save_stops_the_run_and_keeps_the_previous_checkpoint)

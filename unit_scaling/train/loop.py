@@ -12,7 +12,8 @@ One process per host; every process runs the same program on its shard of the ba
 3. The train state is created directly sharded: `jax.jit(init, out_shardings=...)`
    with shardings from the parameters' logical axes and `config.mesh.rules`.
 4. If `WORKDIR/checkpoints` has a checkpoint, restore the state (on this mesh, whatever
-   mesh wrote it) and the data iterator, so the run continues exactly where it stopped;
+   mesh wrote it; into the abstract state, before anything compiles, so a corrupt step
+   is reported at once) and the data iterator, so the run continues exactly where it stopped;
    `metrics.jsonl` rows after that step are dropped.
 5. Loop: assemble the global batch from per-process batches
    (`jax.make_array_from_process_local_data`), run the jitted, donated step, log every
@@ -218,7 +219,10 @@ def _train(config, run_dir, task: Task, ckpt, resume: Optional[int], mesh, rules
     example = global_batch(first, batch_sharding)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         tx, init, shardings = plan_state(task, train, loss_scale, mesh, rules, example, config.seed)
-        state = jax.jit(init, out_shardings=shardings)(example)
+        if resume is None:
+            state = jax.jit(init, out_shardings=shardings)(example)
+        else:  # restored below: only the shapes, nothing compiled before the restore
+            state = checkpoint_lib.abstract_like(jax.eval_shape(init, example), shardings)
         train_step = jax.jit(
             step_lib.make_train_step(task.model, tx, schedule),
             in_shardings=(shardings, batch_sharding),
@@ -231,7 +235,7 @@ def _train(config, run_dir, task: Task, ckpt, resume: Optional[int], mesh, rules
     pending = [first]  # the batch already drawn, used first unless we restore
     writer = metrics_lib.MetricWriter(run_dir)
     if resume is not None:
-        state, data_state, start = ckpt.restore(checkpoint_lib.abstract_like(state, shardings), resume)
+        state, data_state, start = ckpt.restore(state, resume)
         task.set_data_state(data_state)
         pending = []
         _set_aside_later_steps(ckpt, run_dir, start)

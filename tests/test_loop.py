@@ -256,3 +256,11 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "run").write_text("")
     with pytest.raises(rundir.RunDirError, match="is a file"):
         loop.run(config(), str(tmp_path / "run"), make_task_factory(Batches()))
+
+
+def test_a_file_url_workdir_trains_and_resumes(tmp_path):
+    url = "file://" + str(tmp_path / "run")
+    loop.run(config(steps=5), url, make_task_factory(Batches()))
+    loop.run(config(steps=5), url, make_task_factory(Batches()))  # nothing left: resumes at 5
+    assert checkpoints(tmp_path / "run") == [5] and max(losses(url)) == 5
+    assert (tmp_path / "run" / "config.json").exists() and not os.path.exists("file:")

@@ -10,7 +10,8 @@
     WORKDIR/lock               host and pid of the run using the directory
 
 Every path goes through `etils.epath` (which orbax uses too), so a workdir may be a
-local path or a URL such as `gs://bucket/run`; local paths are made absolute.
+local path or a URL such as `gs://bucket/run` (or `file:///path`); local paths are
+made absolute.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class RunDir:
         if isinstance(path, RunDir):
             path = path.path
         path = os.fspath(path)
+        if path.startswith("file://"):  # a local path written as a URL
+            path = path[len("file://"):]
         self.remote = "://" in path
         self.path = epath.Path(path if self.remote else os.path.abspath(path))
 

@@ -19,6 +19,7 @@ setuptools.setup(
         "flax>=0.12.8",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.4",
+        "etils[epath]>=1.7",  # workdir paths: local, gs://, s3:// (RunDir)
         "ml-collections>=1.1.0",
         "absl-py>=2.1",
         "tensorflow-datasets>=4.9.10",

@@ -10,11 +10,20 @@ Multi-host (TPU pod slice, multi-node GPU): run the same command on every host w
 --multihost; JAX finds the coordinator on TPU, SLURM and Open MPI, otherwise pass
 --coordinator_address, --num_processes and --process_id. Rerunning a command resumes
 from the latest checkpoint in its --workdir.
+
+Exit status: 0 done; 2 a configuration or input error, printed as one `error:` line
+naming the field and the fix (UNIT_SCALING_VERBOSE=1 for the traceback); 143 preempted
+by SIGTERM and 130 interrupted by Ctrl-C, each after saving a checkpoint (rerun the
+command to resume); 1 anything else.
 """
+
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from unit_scaling import errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here.")
@@ -25,6 +34,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+@errors.reported
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -33,7 +43,12 @@ def main(argv):
     from unit_scaling.train import loop, tasks  # after jax.distributed.initialize
 
     logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
-    final = loop.run(_CONFIG.value, _WORKDIR.value, tasks.make_task)
+    try:
+        final = loop.run(_CONFIG.value, _WORKDIR.value, tasks.make_task)
+    except loop.Preempted as e:
+        if jax.process_index() == 0:
+            print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     if jax.process_index() == 0:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items()) if "/" in k and not k.startswith("rms/"))
         print(f"final: {summary}")
@@ -42,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=errors.flags_parser)

@@ -184,6 +184,10 @@ def train_config(**fields: Any) -> ml_collections.ConfigDict:
         rms_every=0,  # per-tensor RMS of params, grads and updates every N steps
         profile_start=0,  # a profiler trace of profile_steps steps from this step
         profile_steps=5,
+        # Resuming with a changed trajectory field (steps, lr, schedule, batch, seed,
+        # corpus, ...) is refused unless this is true; the changes are then printed.
+        allow_resume_changes=False,
+        restore_step=0,  # resume from this checkpoint step (0: the latest); later ones are set aside
     ))
     for key, value in fields.items():
         if key not in train:

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shlex
 import sys
@@ -63,6 +62,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from experiments import report, sweep
+from unit_scaling.train.rundir import RunDir
 
 VARIANTS = ("sp", "sp+ls", "unit", "umup")
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
@@ -168,7 +168,7 @@ def status(workdir: str) -> str:
                 return "diverged"
     if sweep.failed(workdir):
         return "failed"
-    if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    if RunDir(workdir).metrics_path.exists():
         return "incomplete"
     return "missing"
 
@@ -188,14 +188,6 @@ def run_all(runs: Sequence[Run], retry_failed: bool = False) -> None:
 # ------------------------------------------------------------------------ report
 
 
-def _metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _number(value: Any) -> float | None:
     """Floats as logged; the trainer writes NaN/inf as strings ("nan")."""
     try:
@@ -212,10 +204,9 @@ def collect_rows(runs: Sequence[Run], runs_dir: str) -> list[dict]:
     for run in runs:
         state = status(run.workdir)
         metrics = last.get(run.name, {})
-        config_path = os.path.join(run.workdir, "config.json")
-        config = json.load(open(config_path)) if os.path.exists(config_path) else {}
-        train = config.get("train", {})
-        history = _metrics(run.workdir)
+        run_dir = RunDir(run.workdir)
+        train = run_dir.read_config().train.to_dict() if run_dir.has_config() else {}
+        history = run_dir.read_metrics()
         train_steps = [m["step"] for m in history if "train/loss" in m]
         row = {"run": run.name, "variant": run.variant, "precision": run.precision,
                "status": state, "last_step": max(train_steps, default=0),
@@ -302,7 +293,7 @@ def figure(runs: Sequence[Run], rows: Sequence[Mapping[str, Any]], path: str) ->
     precisions = list(dict.fromkeys(r.precision for r in runs))
     accuracy, label = accuracy_metric(rows)
     state = {r["run"]: r["status"] for r in rows}
-    history = {r.name: _metrics(r.workdir) for r in runs}
+    history = {r.name: RunDir(r.workdir).read_metrics() for r in runs}
     fp32 = {r.variant: r for r in runs if r.precision == "fp32"}
     fig, axes = plt.subplots(2, len(precisions), figsize=(4.2 * len(precisions), 6.4),
                              squeeze=False, sharey="row")

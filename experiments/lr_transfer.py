@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from experiments import report, sweep
+from unit_scaling.train.rundir import RunDir
 
 CONFIG = "configs/causal_lm.py:tiny"
 PARAMS = ("sp", "umup")
@@ -154,12 +155,9 @@ def timing(args: argparse.Namespace, rows: Sequence[dict]) -> str:
 
 def load_run(workdir: str, tail: float) -> dict:
     """What the report needs of one run: status, train-tail loss, eval loss, timing."""
-    metrics = sweep.read_metrics(workdir)
-    steps = None
-    config_path = os.path.join(workdir, "config.json")
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            steps = json.load(f)["train"]["steps"]
+    run_dir = RunDir(workdir)
+    metrics = run_dir.read_metrics()
+    steps = run_dir.read_config().train.steps if run_dir.has_config() else None
     status = ("failed" if sweep.failed(workdir) else
               "done" if sweep.finished(workdir) else "unfinished")
     if status == "failed" and _diverged(workdir):
@@ -171,8 +169,7 @@ def load_run(workdir: str, tail: float) -> dict:
         row["eval_loss"] = sweep.tail_mean(metrics, "eval/loss", steps)
         step_s = [m["perf/step_s"] for m in metrics if "perf/step_s" in m]
         row["step_s"] = sorted(step_s)[len(step_s) // 2] if step_s else None  # median
-        row["run_s"] = (os.path.getmtime(os.path.join(workdir, "metrics.jsonl"))
-                        - os.path.getmtime(config_path))
+        row["run_s"] = run_dir.metrics_path.stat().mtime - run_dir.config_path.stat().mtime
     return row
 
 

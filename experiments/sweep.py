@@ -35,6 +35,8 @@ import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 
+from unit_scaling.train.rundir import RunDir
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -92,14 +94,11 @@ def failed(workdir: str) -> bool:
 
 def finished(workdir: str) -> bool:
     """Whether the run in `workdir` logged its last step."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    config_path = os.path.join(workdir, "config.json")
-    if not (os.path.exists(path) and os.path.exists(config_path)):
+    run = RunDir(workdir)
+    if not (run.metrics_path.exists() and run.has_config()):
         return False
-    with open(config_path) as f:
-        steps = json.load(f)["train"]["steps"]
-    with open(path) as f:
-        return any(json.loads(line).get("step") == steps for line in f if line.strip())
+    steps = run.read_config().train.steps
+    return any(row.get("step") == steps for row in run.read_metrics())
 
 
 def collect(sweep_dir: str) -> list[dict]:
@@ -108,16 +107,13 @@ def collect(sweep_dir: str) -> list[dict]:
     rows = []
     for name in sorted(os.listdir(sweep_dir)):
         workdir = os.path.join(sweep_dir, name)
-        path = os.path.join(workdir, "metrics.jsonl")
-        if not (os.path.exists(path) or failed(workdir)):
+        rows_logged = RunDir(workdir).read_metrics()
+        if not (rows_logged or failed(workdir)):
             continue
         point = dict(item.split("=", 1) for item in name.split(",") if "=" in item)
         last: dict = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    if line.strip():
-                        last.update(json.loads(line))
+        for row in rows_logged:
+            last.update(row)
         rows.append({"run": name, **point, "finished": finished(workdir),
                      "failed": failed(workdir), **last})
     return rows
@@ -173,8 +169,7 @@ def run_one(cmd: list[str], workdir: str, keep_going: bool = False,
 
 
 def _has_checkpoint(workdir: str) -> bool:
-    directory = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+    return bool(RunDir(workdir).checkpoint_steps())
 
 
 def _run(cmd: list[str], workdir: str, log_name: str | None) -> int:
@@ -214,6 +209,8 @@ def run_in_process(cmd: list[str], workdir: str, log_name: str | None) -> int:
             values(argv)
             train_script.main(argv[:1])
             return 0
+        except SystemExit as e:  # train.main's exit status: 2 user error, 143 preempted
+            return e.code if isinstance(e.code, int) else 1
         except Exception:  # noqa: BLE001  (a failed run is recorded, the sweep goes on)
             sys.stdout.flush()
             sys.stderr.flush()
@@ -248,8 +245,11 @@ def _output_to(path: str | None):
         os.close(saved[1])
 
 
-def read_metrics(workdir: str, name: str = "metrics.jsonl") -> list[dict]:
-    """The rows of `workdir/metrics.jsonl` (or another JSON-lines file; [] if absent)."""
+def read_metrics(workdir: str, name: str | None = None) -> list[dict]:
+    """The rows of the run's `metrics.jsonl` (`RunDir`), or of the sweep's JSON-lines
+    file `workdir/name`; [] if absent."""
+    if name is None:
+        return RunDir(workdir).read_metrics()
     path = os.path.join(workdir, name)
     if not os.path.exists(path):
         return []

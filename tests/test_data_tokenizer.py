@@ -91,3 +91,15 @@ def test_bad_settings_name_the_field(corpus):
         tok.train_tokenizer(corpus[0].sentences, kind="bpe", vocab_size=40)
     with pytest.raises(tok.TokenizerError, match="data.vocab_size=3 leaves no room"):
         tok.train_tokenizer(["a b"], kind="bpe", vocab_size=3)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_training_does_not_depend_on_the_machines_core_count(corpus, kind, monkeypatch):
+    # sentencepiece's pieces depend on its thread count (checked: 1, 2 and 4 threads
+    # give three different models), so the trainer must not take os.cpu_count().
+    sentences = tok.sample_sentences(corpus, 3000)
+    protos = []
+    for cores in (1, 16):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        protos.append(tok.train_tokenizer(sentences, kind=kind, vocab_size=600).model_proto)
+    assert protos[0] == protos[1]

@@ -123,19 +123,46 @@ def test_finetune_from_pretraining_run(tmp_path):
     other.init_from = str(tmp_path / "pretrain")
     with pytest.raises(ValueError, match="encoder shapes differ"):
         run(other, tmp_path / "mismatch")
+    # Fine-tuning takes the pretraining run's tokenizer; another one is refused, naming both.
+    assert task.tokenizer.model_proto == (tmp_path / "pretrain" / "tokenizer.model").read_bytes()
+    from unit_scaling.data import corpora, tokenizer as tokenizer_lib
+
+    foreign = tokenizer_lib.train_tokenizer(
+        tokenizer_lib.sample_sentences(corpora.load_corpus("kjv:Ruth"), 500), kind="bpe", vocab_size=300)
+    (tmp_path / "foreign.model").write_bytes(foreign.model_proto)
+    config.data.tokenizer_path = str(tmp_path / "foreign.model")
+    with pytest.raises(ValueError, match=r"foreign.model.* is not the tokenizer of config.init_from"):
+        tasks.make_task(config)
+    config.data.tokenizer_path = ""
+    config.init_from = str(tmp_path / "nowhere")
+    with pytest.raises(OSError, match="does not exist"):
+        tasks.make_task(config)
 
 
-def test_generate_from_causal_run(tmp_path):
+def test_generate_from_causal_run(tmp_path, monkeypatch):
     from unit_scaling import generate
+    from unit_scaling.data import tokenizer as tokenizer_lib
 
     run(tiny("causal_lm", steps=2, checkpoint_every=2), tmp_path)
+    kept = (tmp_path / "tokenizer.model").read_bytes()  # the run keeps its tokenizer
+    # From now on no tokenizer may be trained or taken from the cache: resuming and
+    # generating use the workdir's copy.
+    monkeypatch.setattr(tokenizer_lib, "load_or_train_tokenizer",
+                        lambda *a, **k: pytest.fail("the tokenizer was not the workdir's"))
+    rows = run(tiny("causal_lm", steps=3, checkpoint_every=2, allow_resume_changes=True), tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
     model, params, tokenizer, _ = generate.load_run(str(tmp_path))
+    assert tokenizer.model_proto == kept
     from unit_scaling.models import causal_lm
 
     new = causal_lm.generate(model, params, np.full((2, 3), 2, np.int32), 5,
                              jax.random.key(0), temperature=0.0)
     assert new.shape == (2, 5) and np.all(np.asarray(new[0]) == np.asarray(new[1]))
     assert isinstance(tokenizer.decode(np.asarray(new[0]).tolist()), str)
+    with pytest.raises(ValueError, match="max_new_tokens=0 must be >= 1"):
+        generate.check_lengths(4, 0, model.config.max_len)
+    with pytest.raises(ValueError, match=r"the prompt may be at most 246 tokens"):
+        generate.check_lengths(300, 10, 256)
 
 
 def test_2x2x2_mesh_step_matches_one_device():

@@ -3,7 +3,8 @@ r"""Sample from a causal-LM run: `python -m unit_scaling.generate --workdir RUN`
   python -m unit_scaling.generate --workdir runs/lm-tiny --prompt "In the beginning" \
       --max_new_tokens 64 --temperature 0.8 --top_p 0.9
 
-Rebuilds the model and tokenizer from `RUN/config.json`, restores the parameters of the
+Rebuilds the model from `RUN/config.json`, loads the run's own tokenizer
+(`RUN/tokenizer.model`), restores the parameters of the
 latest checkpoint and decodes with the KV cache. A prompt is encoded as the pipeline
 encodes a document (`[CLS]` then its pieces); generation stops at the end-of-document
 `[SEP]`. Temperature 0 is greedy.
@@ -11,37 +12,50 @@ encodes a document (`[CLS]` then its pieces); generation stops at the end-of-doc
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags
 
+from unit_scaling import errors
+from unit_scaling.errors import ConfigError
 from unit_scaling.data import corpora
-from unit_scaling.data.tokenizer import CLS_ID, SEP_ID, tokenizer_from_config
+from unit_scaling.data.tokenizer import CLS_ID, SEP_ID, Tokenizer, tokenizer_from_config
 from unit_scaling.models import causal_lm
 from unit_scaling.train import tasks
+from unit_scaling.train.rundir import RunDir, RunDirError
 
 def load_run(workdir: str):
     """`(model, params, tokenizer, config)` of the latest checkpoint of a causal-LM run."""
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    run = RunDir(workdir)
+    config = run.read_config()  # RunDirError: missing, or not a train.py run
     if config.data.objective != "causal_lm":
-        raise ValueError(f"{workdir} trained {config.data.objective!r}, not a causal LM")
-    corpus = None if config.data.tokenizer_path else corpora.load_corpus(
-        config.data.corpus, tfds_data_dir=config.data.tfds_data_dir or None)
-    tokenizer = tokenizer_from_config(config.data, corpus)
+        raise ConfigError(f"--workdir {workdir} trained {config.data.objective!r}, not a "
+                          "causal LM; pass the --workdir of a configs/causal_lm.py run")
+    if not run.checkpoint_steps():
+        raise RunDirError(f"--workdir {workdir} has no checkpoint yet in {run.checkpoints}; "
+                          "let the run save one (checkpoint_every, or its last step)")
+    if run.tokenizer.exists():  # the tokenizer the run trained with
+        tokenizer = Tokenizer.load(run.tokenizer)
+    else:  # a run from before workdirs kept their tokenizer
+        corpus = None if config.data.tokenizer_path else corpora.load_corpus(
+            config.data.corpus, tfds_data_dir=config.data.tfds_data_dir or None)
+        tokenizer = tokenizer_from_config(config.data, corpus)
     model = causal_lm.CausalLM(tasks.model_config(config, config.data.vocab_size))
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    with ocp.CheckpointManager(directory, item_names=("state", "data", "config")) as mngr:
-        if mngr.latest_step() is None:
-            raise FileNotFoundError(f"no checkpoint in {directory}")
-        restored = mngr.restore(mngr.latest_step(),
-                                args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    return model, restored["state"]["params"], tokenizer, config
+    params, _ = run.restore_params()
+    return model, params, tokenizer, config
+
+
+def check_lengths(prompt_tokens: int, max_new_tokens: int, max_len: int) -> None:
+    """`ConfigError` unless 1 <= max_new_tokens and prompt + new tokens fit max_len."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens={max_new_tokens} must be >= 1")
+    if prompt_tokens + max_new_tokens > max_len:
+        room = max_len - max_new_tokens
+        raise ConfigError(
+            f"the prompt is {prompt_tokens} tokens ([CLS] included) and --max_new_tokens="
+            f"{max_new_tokens}, more than the model's max_len={max_len} together: the prompt "
+            f"may be at most {max(room, 0)} tokens with this --max_new_tokens"
+            + ("" if room > 1 else f" (lower --max_new_tokens below {max_len})"))
 
 
 def _define_flags() -> None:
@@ -57,11 +71,15 @@ def _define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
+@errors.reported
 def main(argv):
     del argv
     f = flags.FLAGS
+    if f.max_new_tokens < 1:  # before loading anything
+        check_lengths(0, f.max_new_tokens, 1)
     model, params, tokenizer, _ = load_run(f.workdir)
     prompt = np.concatenate([[CLS_ID], tokenizer.encode(f.prompt)]).astype(np.int32)
+    check_lengths(len(prompt), f.max_new_tokens, model.config.max_len)
     prompts = np.tile(prompt[None], (f.num_samples, 1))
     new = causal_lm.generate(
         model, params, prompts, f.max_new_tokens, jax.random.key(f.seed),
@@ -75,4 +93,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=errors.flags_parser)

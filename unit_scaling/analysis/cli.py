@@ -52,7 +52,6 @@ models that are not built by `make_task`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -214,43 +213,29 @@ def _run_argvs(argv: Sequence[str], compare: Optional[str]) -> dict[str, list[st
 
 
 def load_run_config(workdir: str):
-    """The ConfigDict a training run wrote to `WORKDIR/config.json`."""
-    import ml_collections
+    """The ConfigDict a training run wrote to `WORKDIR/config.json` (`RunDir`)."""
+    from unit_scaling.train.rundir import RunDir, RunDirError
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise SystemExit(f"--workdir {workdir}: no config.json (not a train.py run directory)")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    try:
+        return RunDir(workdir).read_config()
+    except RunDirError as e:
+        raise SystemExit(str(e)) from None
 
 
 def restore_params(workdir: str, abstract_params: Any, step: Optional[int] = None) -> tuple[Any, int]:
     """`(params, step)`: only the parameters of a run's checkpoint (latest, or `step`),
     restored onto the first local device in the shapes and dtypes of `abstract_params`
     (whatever mesh wrote them; the optimizer state is not read)."""
-    import orbax.checkpoint as ocp
+    from unit_scaling.train.rundir import RunDir, RunDirError
 
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise SystemExit(f"--workdir {workdir}: no checkpoints/ directory")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {"params": jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params)}
-    with ocp.CheckpointManager(directory, item_names=("state", "data", "config")) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None or step not in mngr.all_steps():
-            raise SystemExit(f"--workdir {workdir}: no checkpoint at step {step} "
-                             f"(steps: {list(mngr.all_steps())})")
-        try:
-            restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True)))
-        except (ValueError, KeyError) as e:
-            raise SystemExit(
-                f"--workdir {workdir} step {step}: could not restore the parameters into this "
-                f"config's model (different shapes? drop --config to use the run's config.json): {e}"
-            ) from e
-    return restored["state"]["params"], step
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params)
+    try:
+        return RunDir(workdir).restore_params(step, target)
+    except RunDirError as e:
+        raise SystemExit(f"{e} (different shapes? drop --config to use the run's config.json)"
+                         if "cannot be restored" in str(e) else str(e)) from None
 
 
 def config_inputs(

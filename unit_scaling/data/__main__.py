@@ -29,6 +29,9 @@ from absl import app, flags
 from ml_collections import config_flags
 import numpy as np
 
+from unit_scaling import errors
+from unit_scaling.errors import UserError
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and argument, e.g. configs/bert.py:tiny.", lock_config=True
 )
@@ -56,9 +59,12 @@ def main(argv) -> None:
 
     try:
         _main(argv)
-    except (CorpusError, TokenizerError, ValueError) as e:
-        # Configuration and data errors carry their own fix: show it without a traceback.
-        raise SystemExit(f"error: {e}") from None
+    except (CorpusError, TokenizerError, ValueError, UserError) as e:
+        # Configuration and data errors carry their own fix: show it without a
+        # traceback, exit status 2 (UNIT_SCALING_VERBOSE=1 for the traceback).
+        if errors.verbose():
+            raise
+        errors.fail(str(e))
 
 
 def _main(argv) -> None:
@@ -241,4 +247,4 @@ def _round(value):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=errors.flags_parser)

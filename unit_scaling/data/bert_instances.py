@@ -43,6 +43,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from unit_scaling.errors import ConfigError
 from unit_scaling.data.tokenizer import CLS_ID, MASK_ID, NUM_SPECIAL_TOKENS, SEP_ID
 
 INSTANCE_FIELDS = (
@@ -74,27 +75,27 @@ class BertInstanceConfig:
 
     def __post_init__(self):
         if self.seq_len < MIN_SEQ_LEN:
-            raise ValueError(
+            raise ConfigError(
                 f"data.seq_len={self.seq_len} is too small for [CLS] A [SEP] B [SEP]: BERT "
                 f"instances need 3 special tokens and one token per segment, so "
                 f"data.seq_len >= {MIN_SEQ_LEN} (128 is usual)."
             )
         if not 1 <= self.max_predictions_per_seq <= self.seq_len - 3:
-            raise ValueError(
+            raise ConfigError(
                 f"data.max_predictions_per_seq={self.max_predictions_per_seq} must be in "
                 f"[1, seq_len - 3 = {self.seq_len - 3}]; about seq_len * masked_lm_prob "
                 f"= {round(self.seq_len * self.masked_lm_prob)} is usual."
             )
         if not 0.0 < self.masked_lm_prob <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"data.masked_lm_prob={self.masked_lm_prob} must be in (0, 1]; 0.15 is usual."
             )
         if not 0.0 <= self.short_seq_prob <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"data.short_seq_prob={self.short_seq_prob} must be in [0, 1]; 0.1 is usual."
             )
         if self.vocab_size <= NUM_SPECIAL_TOKENS:
-            raise ValueError(
+            raise ConfigError(
                 f"vocab_size={self.vocab_size} must exceed the {NUM_SPECIAL_TOKENS} reserved "
                 "tokens."
             )
@@ -242,7 +243,7 @@ def mask_tokens(
     )
     if config.whole_word_masking:
         if word_start is None:
-            raise ValueError("data.whole_word_masking=True needs the tokenizer's word_start table.")
+            raise ConfigError("data.whole_word_masking=True needs the tokenizer's word_start table.")
         chosen = _choose_whole_words(tokens, candidates, num_to_predict, rng, word_start)
     else:
         chosen = candidates[rng.permutation(len(candidates))[:num_to_predict]]

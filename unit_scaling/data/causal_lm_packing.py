@@ -32,6 +32,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from unit_scaling.errors import ConfigError
 from unit_scaling.data.tokenizer import CLS_ID, SEP_ID
 
 PACKED_FIELDS = ("input_ids", "targets", "segment_ids", "positions", "weights")
@@ -41,7 +42,7 @@ MIN_SEQ_LEN = 2
 def check_seq_len(seq_len: int) -> None:
     """Raises ValueError unless `seq_len` fits [CLS] and at least one token."""
     if seq_len < MIN_SEQ_LEN:
-        raise ValueError(
+        raise ConfigError(
             f"data.seq_len={seq_len} is too small: a causal-LM row needs the [CLS] "
             f"(beginning-of-document) token and at least one text token, so "
             f"data.seq_len >= {MIN_SEQ_LEN} (128 or more is usual)."

@@ -34,12 +34,13 @@ import os
 import re
 from typing import Any, Iterator, Mapping, Sequence
 
+from unit_scaling.errors import UserError
 from unit_scaling.data import sentences as sentences_lib
 
 KJV_NT_FIRST_BOOK = "Matthew"
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """A corpus spec that cannot be read: names `data.corpus` and says how to fix it."""
 
 
@@ -232,11 +233,24 @@ class TextFilesCorpus(Corpus):
         self.paths = tuple(
             sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
         )
+        if not self.paths and os.path.isdir(expanded):
+            raise CorpusError(
+                f"data.corpus={self.spec!r} is a directory; give a glob of its text files, "
+                f"e.g. 'text:{os.path.join(pattern, '*.txt')}' or "
+                f"'text:{os.path.join(pattern, '**', '*.txt')}'."
+            )
         if not self.paths:
             raise CorpusError(
                 f"data.corpus={self.spec!r} matches no files (glob {expanded!r}, working "
                 f"directory {os.getcwd()!r}). Point the glob at existing text files, e.g. "
                 "'text:/data/books/*.txt' or 'text:corpus/**/*.txt'."
+            )
+        unreadable = [p for p in self.paths if not os.access(p, os.R_OK)]
+        if unreadable:
+            raise CorpusError(
+                f"data.corpus={self.spec!r}: {len(unreadable)} matched files cannot be read "
+                f"(e.g. {unreadable[0]!r}: permission denied). Fix their permissions or "
+                "narrow the glob."
             )
         if all(os.path.getsize(p) == 0 for p in self.paths):
             raise CorpusError(

@@ -44,6 +44,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from unit_scaling.errors import ConfigError
 from unit_scaling.data import corpora, pipeline, splits
 from unit_scaling.data.tokenizer import CLS_ID, SEP_ID, Tokenizer, tokenizer_from_config
 
@@ -95,7 +96,7 @@ def load_task(task: str, split: str, *, tfds_data_dir: str | None = None):
     `examples` is a random-access sequence of (text_a, text_b or None, label).
     """
     if split not in splits.SPLITS:
-        raise ValueError(f"split={split!r}; use one of {splits.SPLITS}.")
+        raise ConfigError(f"split={split!r}; use one of {splits.SPLITS}.")
     if task == "kjv_books":
         return _kjv_examples(split, by_book=True), KJV_BOOKS
     if task == "kjv_testament":
@@ -108,7 +109,7 @@ def load_task(task: str, split: str, *, tfds_data_dir: str | None = None):
 
         source, _ = corpora.open_tfds_source(task, tfds_split, tfds_data_dir, field="task")
         return _TfdsPairs(source, *spec["text"]), spec["labels"]
-    raise ValueError(f"fine-tuning task {task!r} is unknown; choose one of {FINETUNE_TASKS}.")
+    raise ConfigError(f"fine-tuning task {task!r} is unknown; choose one of {FINETUNE_TASKS}.")
 
 
 def encode_example(
@@ -117,7 +118,7 @@ def encode_example(
     """[CLS] A [SEP] (B [SEP]) padded to `seq_len`: input_ids, segment_ids, input_mask."""
     specials = 3 if text_b is not None else 2
     if seq_len < specials + (2 if text_b is not None else 1):
-        raise ValueError(
+        raise ConfigError(
             f"data.seq_len={seq_len} is too small for [CLS] A [SEP]"
             f"{' B [SEP]' if text_b is not None else ''} with at least one token per text."
         )
@@ -172,7 +173,7 @@ def make_finetune_pipeline(
     tfds_data_dir = data.get("tfds_data_dir") or None
     examples, label_names = load_task(task, split, tfds_data_dir=tfds_data_dir)
     if len(examples) == 0:
-        raise ValueError(f"fine-tuning task {task!r} has no {split} examples.")
+        raise ConfigError(f"fine-tuning task {task!r} has no {split} examples.")
     tokenizer = tokenizer_from_config(
         data,
         None

@@ -41,6 +41,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from unit_scaling.errors import ConfigError
 from unit_scaling.data import bert_instances, causal_lm_packing, corpora, splits
 from unit_scaling.data.tokenized_corpus import TokenizedCorpus
 from unit_scaling.data.tokenizer import Tokenizer, tokenizer_from_config
@@ -136,7 +137,7 @@ def make_pretraining_dataset(
     data = config.data
     objective = _require(data, "objective")
     if objective not in OBJECTIVES:
-        raise ValueError(f"config.data.objective={objective!r}; use one of {OBJECTIVES}.")
+        raise ConfigError(f"config.data.objective={objective!r}; use one of {OBJECTIVES}.")
     process_index, process_count = resolve_processes(process_index, process_count)
     global_batch_size = int(_require(config.train, "global_batch_size", "config.train"))
     batch_size = per_process_batch_size(global_batch_size, process_count)
@@ -153,7 +154,7 @@ def make_pretraining_dataset(
     else:
         causal_lm_packing.check_seq_len(seq_len)
     if split not in splits.SPLITS:
-        raise ValueError(f"split={split!r}; use one of {splits.SPLITS}.")
+        raise ConfigError(f"split={split!r}; use one of {splits.SPLITS}.")
 
     tfds_data_dir = data.get("tfds_data_dir") or None
     train_corpus = corpora.load_corpus(_require(data, "corpus"), tfds_data_dir=tfds_data_dir)
@@ -169,7 +170,7 @@ def make_pretraining_dataset(
     )
     window = int(data.get("shuffle_window", 64))
     if window < 1:
-        raise ValueError(f"data.shuffle_window={window} must be >= 1 (1 = no mixing).")
+        raise ConfigError(f"data.shuffle_window={window} must be >= 1 (1 = no mixing).")
     # Groups of `window` documents travel together: their examples are made and
     # shuffled as one list by the flat map below (see DocumentGroupExamples).
     groups = docs.batch(window, batch_fn=tuple).map(functools.partial(_attach_tokens, tokenized))
@@ -250,7 +251,7 @@ def resolve_processes(process_index: int | None, process_count: int | None) -> t
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(
+        raise ConfigError(
             f"process_index={process_index}, process_count={process_count}: need "
             "0 <= process_index < process_count."
         )
@@ -260,7 +261,7 @@ def resolve_processes(process_index: int | None, process_count: int | None) -> t
 def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
     """global_batch_size / process_count, which must divide exactly."""
     if global_batch_size < 1 or global_batch_size % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"config.train.global_batch_size={global_batch_size} must be a positive multiple "
             f"of the number of processes ({process_count}); each process loads "
             "global_batch_size / process_count examples."
@@ -297,7 +298,7 @@ def add_prefetch(ds: grain.IterDataset, data_config) -> grain.IterDataset:
     num_workers = int(data_config.get("num_workers", 0))
     prefetch = int(data_config.get("prefetch", 2))
     if num_workers < 0 or prefetch < 0:
-        raise ValueError(
+        raise ConfigError(
             f"data.num_workers={num_workers} and data.prefetch={prefetch} must be >= 0."
         )
     if num_workers > 0:
@@ -407,7 +408,7 @@ def _split_corpus(data, train_corpus, split, tfds_data_dir):
     eval_split = data.get("eval_split", "") or ""
     if eval_split:
         if not isinstance(train_corpus, corpora.TfdsCorpus):
-            raise ValueError(
+            raise ConfigError(
                 f"data.eval_split={eval_split!r} only applies to tfds corpora (data.corpus="
                 f"{train_corpus.spec!r}); leave it empty and set data.eval_fraction."
             )
@@ -418,7 +419,7 @@ def _split_corpus(data, train_corpus, split, tfds_data_dir):
     eval_fraction = float(data.get("eval_fraction", 0.0))
     documents = splits.split_documents(len(train_corpus), split, eval_fraction)
     if len(documents) == 0:
-        raise ValueError(
+        raise ConfigError(
             f"the {split} split of data.corpus={train_corpus.spec!r} is empty "
             f"({len(train_corpus)} documents, data.eval_fraction={eval_fraction}); "
             + (
@@ -433,7 +434,7 @@ def _split_corpus(data, train_corpus, split, tfds_data_dir):
 def _check_has_text(tokenized, shard, split, process_index, process_count, num_documents):
     # An endless stream of empty documents would hang the first next(); fail instead.
     if len(shard) == 0:
-        raise ValueError(
+        raise ConfigError(
             f"process {process_index} of {process_count} gets no {split} documents "
             f"(the split has {num_documents}); use fewer processes or a larger corpus "
             "(data.corpus) or data.eval_fraction."
@@ -449,7 +450,7 @@ def _check_has_text(tokenized, shard, split, process_index, process_count, num_d
 
 def _require(section, name: str, where: str = "config.data"):
     if name not in section:
-        raise ValueError(
+        raise ConfigError(
             f"{where}.{name} is missing; configs/bert.py and configs/causal_lm.py show "
             "every field the data pipeline reads."
         )

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from unit_scaling.errors import ConfigError
+
 SPLITS = ("train", "eval")
 _SALT = np.uint64(0x5EED_0F_DA7A)
 
@@ -34,9 +36,9 @@ def split_documents(num_documents: int, split: str, eval_fraction: float) -> np.
       ValueError: an unknown split, or `eval_fraction` outside [0, 1).
     """
     if split not in SPLITS:
-        raise ValueError(f"split={split!r}; use one of {SPLITS}.")
+        raise ConfigError(f"split={split!r}; use one of {SPLITS}.")
     if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"data.eval_fraction={eval_fraction} must be in [0, 1); 0.02 holds out 2% of "
             "the documents."
         )
@@ -47,7 +49,7 @@ def split_documents(num_documents: int, split: str, eval_fraction: float) -> np.
 def shard_documents(documents: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
     """The documents process `process_index` of `process_count` reads (round robin)."""
     if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(
+        raise ConfigError(
             f"process_index={process_index}, process_count={process_count}: need "
             "0 <= process_index < process_count."
         )

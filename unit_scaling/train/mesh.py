@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from unit_scaling.errors import ConfigError
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -29,23 +31,23 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     """
     unknown = set(sizes) - set(AXES)
     if unknown:
-        raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; use {AXES}")
+        raise ConfigError(f"config.mesh has unknown axes {sorted(unknown)}; use {AXES}")
     shape = [int(sizes.get(axis, 1)) for axis in AXES]
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh {dict(zip(AXES, shape))}: sizes must be positive, with at most "
             "one -1 (= the remaining devices)"
         )
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(
+            raise ConfigError(
                 f"config.mesh {dict(zip(AXES, shape))}: {num_devices} devices are not "
                 f"divisible by the fixed axes' product {known}"
             )
         shape[shape.index(-1)] = num_devices // known
     if math.prod(shape) != num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh {dict(zip(AXES, shape))} needs {math.prod(shape)} devices but "
             f"there are {num_devices}; set the sizes to multiply to {num_devices}, or "
             "set one of them to -1"
@@ -75,13 +77,13 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, field: str = "config.tr
     """Returns the per-process batch size, or raises naming `field` and the fix."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch_size <= 0 or global_batch_size % shards:
-        raise ValueError(
+        raise ConfigError(
             f"{field}={global_batch_size} must be a positive multiple of the batch "
             f"shards data*fsdp = {shards}"
         )
     processes = jax.process_count()
     if global_batch_size % processes:
-        raise ValueError(
+        raise ConfigError(
             f"{field}={global_batch_size} must be divisible by the {processes} processes"
         )
     return global_batch_size // processes

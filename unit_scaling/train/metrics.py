@@ -8,14 +8,14 @@ run can be read back with `pandas.read_json(path, lines=True)` without TensorBoa
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 from typing import Mapping, Optional
 
 import jax
 import numpy as np
+
+from unit_scaling.train.rundir import RunDir
 
 # Dense peak FLOP/s per chip for 16-bit matmuls (FP8: twice that on Hopper), from the
 # vendors' datasheets. Matched against `jax.devices()[0].device_kind`, first hit wins.
@@ -83,16 +83,22 @@ def train_flops_per_step(
 class MetricWriter:
     """Writes scalars to TensorBoard, `WORKDIR/metrics.jsonl` and the console."""
 
-    def __init__(self, workdir: str, enabled: Optional[bool] = None):
+    def __init__(self, workdir: "str | RunDir", enabled: Optional[bool] = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
-        self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+        self.run_dir = RunDir(workdir)
+        self.jsonl_path = self.run_dir.metrics_path
+        self.tensorboard_dir = str(self.run_dir.tensorboard)
         self._tb = None
         if self.enabled:
             import tensorboardX  # deferred: costs ~1 s to import
 
-            os.makedirs(workdir, exist_ok=True)
+            self.run_dir.path.mkdir(parents=True, exist_ok=True)
             self._tb = tensorboardX.SummaryWriter(self.tensorboard_dir)
+
+    def truncate(self, last_step: int) -> int:
+        """After a resume from `last_step`: drops the `metrics.jsonl` rows logged after
+        it (by the interrupted run), so every step appears once. Returns how many."""
+        return self.run_dir.truncate_metrics(last_step) if self.enabled else 0
 
     def write(self, step: int, scalars: Mapping[str, float], console: bool = True) -> None:
         if not self.enabled:
@@ -100,8 +106,7 @@ class MetricWriter:
         values = {k: float(np.asarray(v)) for k, v in scalars.items()}
         # JSON has no NaN/inf: write them as strings so they stay visible.
         row = {k: v if math.isfinite(v) else str(v) for k, v in values.items()}
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps({"step": int(step), **row}) + "\n")
+        self.run_dir.append_metrics({"step": int(step), **row})
         for key, value in values.items():
             self._tb.add_scalar(key, value, int(step))
         self._tb.flush()
@@ -125,6 +130,5 @@ def _fmt(v: float) -> str:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """The rows of `WORKDIR/metrics.jsonl`."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of `WORKDIR/metrics.jsonl` (`RunDir.read_metrics`)."""
+    return RunDir(workdir).read_metrics()

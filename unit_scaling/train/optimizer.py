@@ -16,6 +16,8 @@ import jax
 import jmp
 import optax
 
+from unit_scaling.errors import ConfigError
+
 OPTIMIZERS = ("adamw", "lamb", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 LOSS_SCALES = ("none", "static", "dynamic")
@@ -25,16 +27,16 @@ def learning_rate_schedule(train: Any) -> optax.Schedule:
     """Linear warmup from 0 to `train.lr` over `warmup_steps`, then `train.schedule`
     ("cosine" | "linear" to `lr * final_lr_fraction` at `steps`, or "constant")."""
     if train.steps <= 0:
-        raise ValueError(f"config.train.steps={train.steps} must be positive")
+        raise ConfigError(f"config.train.steps={train.steps} must be positive")
     if not 0 <= train.warmup_steps <= train.steps:
-        raise ValueError(
+        raise ConfigError(
             f"config.train.warmup_steps={train.warmup_steps} must be in [0, "
             f"config.train.steps={train.steps}]"
         )
     if train.schedule not in SCHEDULES:
-        raise ValueError(f"config.train.schedule={train.schedule!r}: use one of {SCHEDULES}")
+        raise ConfigError(f"config.train.schedule={train.schedule!r}: use one of {SCHEDULES}")
     if train.lr <= 0:
-        raise ValueError(f"config.train.lr={train.lr} must be positive")
+        raise ConfigError(f"config.train.lr={train.lr} must be positive")
     final = train.lr * train.get("final_lr_fraction", 0.0)
     decay_steps = max(train.steps - train.warmup_steps, 1)
     decay = {
@@ -67,11 +69,11 @@ def make_optimizer(
         decayed: weights, not biases and norms).
     """
     if train.optimizer not in OPTIMIZERS:
-        raise ValueError(f"config.train.optimizer={train.optimizer!r}: use one of {OPTIMIZERS}")
+        raise ConfigError(f"config.train.optimizer={train.optimizer!r}: use one of {OPTIMIZERS}")
     if train.grad_clip < 0 or train.weight_decay < 0:
-        raise ValueError("config.train.grad_clip and weight_decay must be >= 0 (0 = off)")
+        raise ConfigError("config.train.grad_clip and weight_decay must be >= 0 (0 = off)")
     if train.grad_accum < 1:
-        raise ValueError(f"config.train.grad_accum={train.grad_accum} must be >= 1")
+        raise ConfigError(f"config.train.grad_accum={train.grad_accum} must be >= 1")
     schedule = learning_rate_schedule(train)
     parts = []
     if train.grad_clip > 0:
@@ -102,7 +104,7 @@ def make_loss_scale(train: Any) -> jmp.LossScale:
     steps), as the SP FP16/FP8 baselines of the unit-scaling paper."""
     kind = train.get("loss_scale", "none")
     if kind not in LOSS_SCALES:
-        raise ValueError(f"config.train.loss_scale={kind!r}: use one of {LOSS_SCALES}")
+        raise ConfigError(f"config.train.loss_scale={kind!r}: use one of {LOSS_SCALES}")
     import jax.numpy as jnp
 
     value = jnp.float32(train.get("loss_scale_value", 2.0**15))

@@ -9,21 +9,22 @@ Everything that can be wrong with the config is checked here, before compilation
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
+from unit_scaling.errors import ConfigError
 from unit_scaling import data as data_lib
 from unit_scaling.data import finetune
+from unit_scaling.data.tokenizer import Tokenizer
 from unit_scaling import optim
 from unit_scaling.models import bert, causal_lm
 from unit_scaling.parametrization import PARAMETRIZATIONS, PRECISIONS, param_meta
 from unit_scaling.train import metrics as metrics_lib
 from unit_scaling.train import optimizer as optimizer_lib
 from unit_scaling.train.loop import Task
+from unit_scaling.train.rundir import RunDir, with_tokenizer
 
 OBJECTIVES = ("mlm_nsp", "causal_lm", "classification")
 
@@ -31,18 +32,18 @@ OBJECTIVES = ("mlm_nsp", "causal_lm", "classification")
 def validate(config) -> None:
     """Fails early, naming the field, on settings no later step would catch clearly."""
     if config.param not in PARAMETRIZATIONS:
-        raise ValueError(f"config.param={config.param!r}: use one of {PARAMETRIZATIONS}")
+        raise ConfigError(f"config.param={config.param!r}: use one of {PARAMETRIZATIONS}")
     if config.precision not in PRECISIONS:
-        raise ValueError(f"config.precision={config.precision!r}: use one of {PRECISIONS}")
+        raise ConfigError(f"config.precision={config.precision!r}: use one of {PRECISIONS}")
     if config.data.objective not in OBJECTIVES:
-        raise ValueError(f"config.data.objective={config.data.objective!r}: use one of {OBJECTIVES}")
+        raise ConfigError(f"config.data.objective={config.data.objective!r}: use one of {OBJECTIVES}")
     for field in ("steps", "global_batch_size", "log_every", "eval_every", "checkpoint_every"):
         if config.train[field] < 0:
-            raise ValueError(f"config.train.{field}={config.train[field]} must be >= 0")
+            raise ConfigError(f"config.train.{field}={config.train[field]} must be >= 0")
     if config.train.steps == 0 or config.train.global_batch_size == 0:
-        raise ValueError("config.train.steps and global_batch_size must be positive")
+        raise ConfigError("config.train.steps and global_batch_size must be positive")
     if config.train.global_batch_size % config.train.grad_accum:
-        raise ValueError(
+        raise ConfigError(
             f"config.train.global_batch_size={config.train.global_batch_size} must be a "
             f"multiple of config.train.grad_accum={config.train.grad_accum}"
         )
@@ -56,7 +57,7 @@ def model_config(config, vocab_size: int):
     try:
         return cls(**fields)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config.model: {e}") from e
+        raise ConfigError(f"config.model: {e}") from e
 
 
 def optimizer_parts(config, abstract_params) -> dict:
@@ -122,11 +123,15 @@ def make_task(config, pipeline: Optional[Callable] = None) -> Task:
         flops_per_step=flops,
         tokens_per_batch=config.train.global_batch_size * info.seq_len,
         fp8=config.precision == "fp8" and model_cfg.real_fp8,
+        tokenizer=info.tokenizer,
         close=lambda: _close(train_iter),
     )
 
 
 def _classification_task(config) -> Task:
+    if config.get("init_from"):
+        check_init_from(config)
+        config = _init_from_tokenizer(config)
     train_iter, info = data_lib.make_finetune_pipeline(config, config.data.task, "train")
     model_cfg = model_config(config, config.data.vocab_size)
     model = bert.BertForSequenceClassification(model_cfg, num_classes=info.num_classes)
@@ -147,32 +152,62 @@ def _classification_task(config) -> Task:
         tokens_per_batch=config.train.global_batch_size * info.seq_len,
         init_params=(lambda params: load_encoder(config.init_from, params))
         if config.get("init_from") else None,
+        tokenizer=info.tokenizer,
         close=lambda: _close(train_iter),
         eval_constants={"eval/majority_baseline": baseline},
     )
 
 
+def check_init_from(config) -> None:
+    """`config.init_from` must be a finished pretraining run with a BERT encoder: checked
+    when the task is built, before anything compiles."""
+    run = RunDir(config.init_from)
+    stored = run.read_config()  # RunDirError: missing, or not a train.py run
+    if stored.data.objective != "mlm_nsp":
+        raise ConfigError(
+            f"config.init_from={config.init_from!r} trained {stored.data.objective!r}; "
+            "fine-tuning initialises a BERT encoder from an 'mlm_nsp' pretraining run")
+    if not run.checkpoint_steps():
+        raise ConfigError(
+            f"config.init_from={config.init_from!r} has no checkpoint in {run.checkpoints}; "
+            "pass the --workdir of a pretraining run that saved one (checkpoint_every or its "
+            "last step)")
+
+
+def _init_from_tokenizer(config):
+    """Fine-tuning uses the tokenizer of the `init_from` run (its `tokenizer.model`) by
+    default; an explicit `data.tokenizer_path` must be the same model."""
+    pretrained = RunDir(config.init_from).tokenizer
+    if not pretrained.exists():
+        return config  # a run from before workdirs kept their tokenizer
+    given = config.data.get("tokenizer_path")
+    if not given:
+        return with_tokenizer(config, pretrained)
+    if Tokenizer.load(given).model_proto != Tokenizer.load(pretrained).model_proto:
+        raise ConfigError(
+            f"config.data.tokenizer_path={given!r} is not the tokenizer of "
+            f"config.init_from={config.init_from!r} ({pretrained}); the encoder only "
+            "understands its own pieces. Leave data.tokenizer_path empty to use it.")
+    return config
+
+
 def load_encoder(run_dir: str, params: dict) -> dict:
     """`params` with the `encoder` (and `pooler`) of the latest checkpoint in the
     pretraining run `run_dir` (its model must have the same shapes)."""
-    directory = os.path.join(os.path.abspath(run_dir), "checkpoints")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"config.init_from={run_dir!r} has no checkpoints/ directory; pass the "
-            "--workdir of a finished pretraining run"
-        )
-    with ocp.CheckpointManager(directory, item_names=("state", "data", "config")) as mngr:
-        step = mngr.latest_step()
-        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    pretrained = restored["state"]["params"]
+    run = RunDir(run_dir)
+    if not run.checkpoint_steps():
+        raise ConfigError(
+            f"config.init_from={run_dir!r} has no checkpoint in {run.checkpoints}; pass the "
+            "--workdir of a finished pretraining run")
+    pretrained, step = run.restore_params()
     new = dict(params)
     for name in ("encoder", "pooler"):
         if name not in pretrained:
-            raise ValueError(f"config.init_from={run_dir!r}: its params have no {name!r}")
+            raise ConfigError(f"config.init_from={run_dir!r}: its params have no {name!r}")
         ref = jax.tree.map(np.shape, params[name])
         got = jax.tree.map(np.shape, pretrained[name])
         if ref != got:
-            raise ValueError(
+            raise ConfigError(
                 f"config.init_from={run_dir!r}: the {name} shapes differ from this model's; "
                 "use the same model size (config.model) as the pretraining run"
             )

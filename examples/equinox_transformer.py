@@ -138,8 +138,8 @@ def main(steps: int = 8, seed: int = 0) -> list[float]:
     schedule = optax.linear_schedule(0.3, 0.0, steps)
     tx = optax.chain(
         optax.adam(schedule),
-        optim.scale_by_parametrization(spec, "umup"),
-        optim.add_independent_weight_decay(spec, 1e-4, peak_lr=0.3, schedule=schedule),
+        optim.scale_by_parametrization(params, "umup", spec=spec),
+        optim.add_independent_weight_decay(params, 1e-4, peak_lr=0.3, schedule=schedule, spec=spec),
     )
     state = tx.init(params)
     # A learnable toy task: predict the next token of a repeating sequence.

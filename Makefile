@@ -1,16 +1,17 @@
 # `make test` and `make train` are all the set-up a user needs: each creates .venv and
-# installs the package (editable, with the dev extra) when .venv is missing or setup.py
-# changed.
+# installs the package (editable, with every extra: all,dev) when .venv is missing or
+# pyproject.toml changed. A project that only reuses the ops needs `pip install
+# unit-scaling-jax` (jax, numpy, ml_dtypes, optax): see the README.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
 .PHONY: train test bench install clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[all,dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -57,10 +57,12 @@ import optax
 
 __all__ = [
     "DECAYED_ROLES",
+    "IndependentWeightDecayState",
     "OPTIMIZERS",
     "ROLES",
     "ParamSpec",
     "add_independent_weight_decay",
+    "default_fan_in",
     "flax_spec",
     "lr_factor",
     "lr_table",

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 import unit_scaling.functional as U
+from _train import fit
 from unit_scaling import formats as formats_lib
 from unit_scaling import optim
 from unit_scaling.scale import scale_fwd
@@ -141,27 +142,14 @@ def main(steps: int = 8, seed: int = 0) -> list[float]:
         optim.scale_by_parametrization(params, "umup", spec=spec),
         optim.add_independent_weight_decay(params, 1e-4, peak_lr=0.3, schedule=schedule, spec=spec),
     )
-    state = tx.init(params)
     # A learnable toy task: predict the next token of a repeating sequence.
     start = jax.random.randint(data_key, (batch, 1), 0, vocab)
     tokens = (start + jnp.arange(seq + 1)) % vocab
     ids, targets = tokens[:, :-1], tokens[:, 1:]
-
-    @jax.jit
-    def step(params, state):
-        loss, grads = jax.value_and_grad(
-            lambda p: loss_fn(eqx.combine(p, static), ids, targets, formats_lib.FP8)
-        )(params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
-
-    losses = []
-    for i in range(steps):
-        params, state, loss = step(params, state)
-        losses.append(float(loss))
-        print(f"step {i}: loss {losses[-1]:.3f}")
+    _, losses = fit(
+        lambda p: loss_fn(eqx.combine(p, static), ids, targets, formats_lib.FP8), params, tx, steps
+    )
     return losses
-
 
 if __name__ == "__main__":
     main()

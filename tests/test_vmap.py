@@ -23,6 +23,8 @@ def normal(i, shape):
 
 
 def load_example(name):
+    if os.path.join(ROOT, "examples") not in sys.path:  # the examples' shared `_train`
+        sys.path.append(os.path.join(ROOT, "examples"))
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses (Equinox modules) look their module up

@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train test bench install clean
+.PHONY: train test bench docs install clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: $(VENV)/.installed
 # and umup in fp32, bf16 and fp8 (benchmarks/results/speed.md); `--gpu_suite` on a GPU.
 bench: $(VENV)/.installed
 	$(PY) benchmarks/speed.py --real_fp8
+
+# The API reference: static HTML from the docstrings (pdoc), one page per public module,
+# with the op table of unit_scaling.functional generated from the code, in build/docs/api.
+docs: $(VENV)/.installed
+	$(PY) docs/api.py build/docs/api
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -40,8 +40,8 @@ harmless for Adam-family optimisers, which are invariant to gradient scale.
 
 The matmul-like ops (`matmul`, `linear`, `linear_readout`,
 `scaled_dot_product_attention`) take `formats`, a `unit_scaling.formats.FormatPolicy`:
-inputs are quantised to `formats.fwd` in the forward pass and output gradients to
-`formats.bwd` in the backward pass (`formats.FP8`: E4M3 forward, E5M2 backward).
+inputs are quantised to the policy's `fwd` format in the forward pass and output
+gradients to its `bwd` format in the backward pass (`formats.FP8`: E4M3 forward, E5M2 backward).
 
 Imports only jax, numpy and this package's `scale` and `formats`.
 """

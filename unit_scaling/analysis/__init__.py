@@ -43,7 +43,8 @@ def __getattr__(name: str):
 
     module, extra, needs = _LAZY[name]
     require("all" if len(needs) > 1 else extra, f"unit_scaling.analysis.{name}", *needs)
-    return getattr(importlib.import_module(module), name)
+    value = globals()[name] = getattr(importlib.import_module(module), name)
+    return value
 
 
 __all__ = [

@@ -132,3 +132,9 @@ def test_public_modules_declare_all(module):
     public = {n for n, v in vars(mod).items() if callable(v) and not n.startswith("_")
               and getattr(v, "__module__", None) == module}
     assert public <= set(mod.__all__), public - set(mod.__all__)
+
+
+def test_dir_lists_the_public_api():
+    import unit_scaling.functional as U
+
+    assert "jnp" not in dir(U) and "np" not in dir(U) and "linear" in dir(U)

@@ -58,7 +58,7 @@ def batched_and_vmapped(apply, params, x, y, reduction):
     def per_example(p, xi, yi):
         return U.mse_loss(apply(p, xi), yi, reduction="sum")
 
-    batched = jax.grad(per_example)(params, x, y)  # one call on the whole batch
+    batched = jax.jit(jax.grad(per_example))(params, x, y)  # one call on the whole batch
     reduce = jnp.sum if reduction == "sum" else jnp.mean
 
     def vmapped(p):

@@ -93,6 +93,11 @@ __all__ = [
     "vmap_reduction",
 ]
 
+
+def __dir__() -> list[str]:
+    """`dir(module)` lists the public API, not the imported jax/numpy modules."""
+    return sorted(__all__)
+
 Array = jax.Array
 FormatPolicy = Optional[formats_lib.FormatPolicy]
 

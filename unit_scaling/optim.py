@@ -70,6 +70,11 @@ __all__ = [
     "scale_by_parametrization",
 ]
 
+
+def __dir__() -> list[str]:
+    """`dir(module)` lists the public API, not the imported jax/numpy modules."""
+    return sorted(__all__)
+
 OPTIMIZERS = ("adam", "sgd")
 DECAYED_ROLES = ("weight", "embedding", "output")
 # The same names as `unit_scaling.parametrization` (which needs Flax); a test checks it.

@@ -47,6 +47,11 @@ __all__ = [
     "vmap_reduction",
 ]
 
+
+def __dir__() -> list[str]:
+    """`dir(module)` lists the public API, not the imported jax/numpy modules."""
+    return sorted(__all__)
+
 Constraint = Optional[Union[str, Callable[..., float]]]
 
 

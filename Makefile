@@ -1,16 +1,17 @@
 # `make test` and `make train` are all the set-up a user needs: each creates .venv and
-# installs the package (editable, with the dev extra) when .venv is missing or setup.py
-# changed.
+# installs the package (editable, with every extra: all,dev) when .venv is missing or
+# pyproject.toml changed. A project that only reuses the ops needs `pip install
+# unit-scaling-jax` (jax, numpy, ml_dtypes, optax): see the README.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train test bench install clean
+.PHONY: train test bench docs install clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[all,dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,6 +28,11 @@ test: $(VENV)/.installed
 # and umup in fp32, bf16 and fp8 (benchmarks/results/speed.md); `--gpu_suite` on a GPU.
 bench: $(VENV)/.installed
 	$(PY) benchmarks/speed.py --real_fp8
+
+# The API reference: static HTML from the docstrings (pdoc), one page per public module,
+# with the op table of unit_scaling.functional generated from the code, in build/docs/api.
+docs: $(VENV)/.installed
+	$(PY) docs/api.py build/docs/api
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

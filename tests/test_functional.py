@@ -541,7 +541,13 @@ def test_vmap_composes():
     per_example = jax.vmap(lambda xi: block(params, xi))(x)
     np.testing.assert_allclose(per_example, jnp.stack([block(params, xi) for xi in x]),
                                rtol=1e-5, atol=1e-6)
-    grads = jax.vmap(jax.grad(block_loss), in_axes=(None, 0))(params, x)
+    # Per-example gradients used one by one: the lanes are independent ("none"); without
+    # saying so, the shared weights' gradient scale is ambiguous and raises.
+    per_example_grads = jax.vmap(jax.grad(block_loss), in_axes=(None, 0))
+    with pytest.raises(ValueError, match="vmap_reduction"):
+        per_example_grads(params, x)
+    with U.vmap_reduction("none"):
+        grads = per_example_grads(params, x)
     np.testing.assert_allclose(grads["w1"][1], jax.grad(block_loss)(params, x[1])["w1"],
                                rtol=1e-5, atol=1e-6)
 

@@ -168,3 +168,61 @@ def test_params_without_roles_are_rejected():
         optim.lr_table(bad)
     with pytest.raises(ValueError, match="parametrization"):
         optim.lr_table({"w": ScaledParam(jnp.ones(2), names=("embed",))}, "mu")
+
+
+# ------------------------------------------------------------------ without Flax
+
+
+def test_spec_path_equals_the_flax_path():
+    """Plain arrays + a (role, fan_in, depth) tree give the same lr table and the same
+    updates as the boxed Flax params they come from."""
+    boxed = _lm_params(scan=True)
+    arrays = jax.tree.map(lambda s: jax.random.normal(jax.random.key(1), s.shape, s.dtype),
+                          nn.unbox(boxed))
+    spec = jax.tree.map(lambda m: (m.role, m.fan_in, m.depth), optim.flax_spec(boxed),
+                        is_leaf=lambda m: isinstance(m, optim.ParamSpec))
+    assert optim.lr_table(arrays, spec=spec) == optim.lr_table(boxed)
+
+    def chain(params, **kw):
+        return optax.chain(optax.adam(0.1), optim.scale_by_parametrization(params, "umup", **kw),
+                           optim.add_independent_weight_decay(params, 0.1, 0.1, **kw))
+
+    grads = jax.tree.map(lambda p: jnp.cos(p), arrays)
+    flax_tx, spec_tx = chain(boxed), chain(arrays, spec=spec)
+    want, _ = flax_tx.update(grads, flax_tx.init(arrays), arrays)
+    got, _ = spec_tx.update(grads, spec_tx.init(arrays), arrays)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_plain_dict_with_a_path_function():
+    params = {"embed": jnp.ones((50, 16)), "block": {"w": jnp.ones((16, 64)), "g": jnp.ones(16)},
+              "out": jnp.ones((16, 50))}
+
+    def spec(path, leaf):
+        name = jax.tree_util.keystr(path)
+        depth = 4 if "block" in name else None
+        if "embed" in name:
+            return optim.ParamSpec("embedding")
+        if "out" in name:
+            return optim.ParamSpec("output")
+        return optim.ParamSpec("norm" if leaf.ndim == 1 else "weight", depth=depth)
+
+    table = optim.lr_table(params, spec=spec)
+    assert table == pytest.approx({"embed": 16**-0.5, "block/w": 16**-0.5 / 2,
+                                   "block/g": 0.5, "out": 1.0})
+    updates, _ = optim.scale_by_parametrization(params, spec=spec).update(params, None)
+    assert float(updates["block"]["w"][0, 0]) == pytest.approx(16**-0.5 / 2)
+    with pytest.raises(ValueError, match="'block/g' has no u-μP role: pass `spec=`"):
+        optim.scale_by_parametrization({"block": {"g": jnp.ones(3)}})
+    with pytest.raises(ValueError, match="2 entries for 4 parameters"):
+        optim.lr_table(params, spec={"a": ("weight", None, None), "b": ("bias", 3, None)})
+    with pytest.raises(ValueError, match="role 'kernel' is unknown"):
+        optim.ParamSpec("kernel")
+
+
+def test_roles_match_the_parametrization():
+    from unit_scaling import parametrization
+
+    assert optim.ROLES == parametrization.ROLES
+    assert optim._PARAMETRIZATIONS == parametrization.PARAMETRIZATIONS

@@ -11,7 +11,28 @@ Names and argument meanings follow the PyTorch reference `unit_scaling.functiona
 0.3.5, with JAX conventions: a dense kernel is `(fan_in, fan_out)`; attention tensors are
 `[batch, seq, heads, head_dim]`; dropout takes an explicit PRNG key and `deterministic`.
 
-Weight-gradient scales use the batch size of the shapes the op sees. Under `jit` with
+**Batch of the weight gradients, and `jax.vmap`.** The gradients of parameters (the
+kernel and bias of `linear`/`linear_readout`, the `embedding` table, the `layer_norm` and
+`rms_norm` gains and bias) are sums over rows, scaled by `B^-1/2` (`(V/B)^1/2` for the
+table) where `B` counts every row summed into the parameter: the rows of the shapes the
+op sees, times the size of every `jax.vmap` axis over which the parameter is shared
+(the input is batched, the parameter is not). A model written per example and vmapped
+has its per-example shapes; the vmapped axes are found in the backward pass
+(`scale.share_over_vmap`, a `jax.custom_batching.custom_vmap` rule), also through `jit`,
+`scan`, `remat` and nested vmaps. What they mean depends on how the caller reduces the
+per-example results, which the ops cannot see, so the caller says it with
+`U.vmap_reduction("sum" | "mean" | "none")` around the code that traces the model:
+
+    with U.vmap_reduction("sum"):      # or "mean" for jnp.mean of the per-example losses
+        loss = jnp.sum(jax.vmap(per_example_loss, in_axes=(None, 0))(params, batch))
+
+"sum" and "mean" give the parameter gradients of the same model written batched;
+"none" keeps each lane's own batch (per-example gradients, ensembles). Differentiating
+through a vmap that shares a parameter without it raises a ValueError naming the op:
+the scale is never silently the per-example one. A parameter vmapped with the data (an
+ensemble) needs nothing; nor does a forward-only vmap; outside vmap nothing changes.
+
+Without vmap, `B` comes from the shapes the op sees. Under `jit` with
 global shardings these are the global shapes. With gradient accumulation over `k`
 micro-batches each micro-batch is scaled by its own (smaller) batch, so summed gradients
 are `k^1/2` larger and averaged ones `k^-1/2` smaller than one big batch would give:
@@ -19,8 +40,8 @@ harmless for Adam-family optimisers, which are invariant to gradient scale.
 
 The matmul-like ops (`matmul`, `linear`, `linear_readout`,
 `scaled_dot_product_attention`) take `formats`, a `unit_scaling.formats.FormatPolicy`:
-inputs are quantised to `formats.fwd` in the forward pass and output gradients to
-`formats.bwd` in the backward pass (`formats.FP8`: E4M3 forward, E5M2 backward).
+inputs are quantised to the policy's `fwd` format in the forward pass and output
+gradients to its `bwd` format in the backward pass (`formats.FP8`: E4M3 forward, E5M2 backward).
 
 Imports only jax, numpy and this package's `scale` and `formats`.
 """
@@ -36,7 +57,47 @@ import jax.numpy as jnp
 import numpy as np
 
 from unit_scaling import formats as formats_lib
-from unit_scaling.scale import Constraint, apply_constraint, scale_bwd, scale_fwd
+from unit_scaling.scale import (
+    Constraint,
+    apply_constraint,
+    scale_bwd,
+    scale_fwd,
+    share_over_vmap,
+    vmap_reduction,
+)
+
+__all__ = [
+    "add",
+    "attention_mask",
+    "attention_output_scale",
+    "cross_entropy",
+    "dropout",
+    "embedding",
+    "gather_positions",
+    "gelu",
+    "layer_norm",
+    "linear",
+    "linear_readout",
+    "logarithmic_interpolation",
+    "matmul",
+    "mse_loss",
+    "residual_add",
+    "residual_apply",
+    "residual_split",
+    "rms",
+    "rms_norm",
+    "scaled_dot_product_attention",
+    "silu",
+    "silu_glu",
+    "softmax",
+    "transformer_residual_scaling_rule",
+    "vmap_reduction",
+]
+
+
+def __dir__() -> list[str]:
+    """`dir(module)` lists the public API, not the imported jax/numpy modules."""
+    return sorted(__all__)
 
 Array = jax.Array
 FormatPolicy = Optional[formats_lib.FormatPolicy]
@@ -67,6 +128,12 @@ def _lead(x: Array, ndim: int) -> Array:
     """`x` with leading unit axes up to `ndim`: explicit broadcasting, so the ops also
     run under `jax_numpy_rank_promotion="raise"`."""
     return x.reshape((1,) * (ndim - x.ndim) + x.shape)
+
+
+def _share(input: Array, op: str, *params: Optional[Array]) -> tuple[Optional[Array], ...]:
+    """The op's parameters through `share_over_vmap`: their gradient scale also counts
+    the rows of the `jax.vmap` axes they are shared across (module docstring)."""
+    return tuple(None if p is None else share_over_vmap(p, input, op) for p in params)
 
 
 def _scale_elementwise(
@@ -133,6 +200,7 @@ def linear(
             f"linear: input feature dim {input.shape[-1]} != kernel fan_in {fan_in}"
         )
     batch = input.size // fan_in
+    kernel, bias = _share(input, "linear", kernel, bias)
     output_scale, grad_input_scale = apply_constraint(
         constraint, fan_in ** -scale_power[0], fan_out ** -scale_power[1]
     )
@@ -204,6 +272,7 @@ def embedding(ids: Array, table: Array) -> Array:
     `ids.size / V` gradient contributions).
     """
     vocab = table.shape[0]
+    (table,) = _share(ids, "embedding", table)
     table = scale_bwd(table, (vocab / ids.size) ** 0.5)
     return jnp.take(table, ids, axis=0)
 
@@ -458,6 +527,7 @@ def layer_norm(
     Backward: `g_weight = g_bias = B^-1/2` (each is a sum over `B` rows).
     """
     batch = x.size // x.shape[-1]
+    weight, bias = _share(x, "layer_norm", weight, bias)
     y = _normalise(x, eps, centre=True)
     if weight is not None:
         y = y * _lead(scale_bwd(weight, batch**-0.5).astype(jnp.float32), y.ndim)
@@ -473,6 +543,7 @@ def rms_norm(x: Array, weight: Optional[Array] = None, eps: float = 1e-5) -> Arr
     `B = x.size / d`.
     """
     batch = x.size // x.shape[-1]
+    (weight,) = _share(x, "rms_norm", weight)
     y = _normalise(x, eps, centre=False)
     if weight is not None:
         y = y * _lead(scale_bwd(weight, batch**-0.5).astype(jnp.float32), y.ndim)

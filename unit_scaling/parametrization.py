@@ -28,6 +28,10 @@ optional `formats.FormatPolicy` that every matmul of every parametrization takes
 
 from __future__ import annotations
 
+from unit_scaling._extras import require
+
+require("flax", "unit_scaling.parametrization", "flax")
+
 import dataclasses
 import math
 from typing import Any, Callable, Optional

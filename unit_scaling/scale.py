@@ -10,17 +10,47 @@ Where an op's input and output lie on a path that is not a cut-edge of the graph
 output scale and the input-gradient scale must be equal or the gradients stop being
 proportional to the true gradients; a *constraint* picks that one scale.
 
+`share_over_vmap(param, input)` is the hook that makes weight-gradient scales see the
+batch of a `jax.vmap` (see `vmap_reduction` and the `unit_scaling.functional` docstring).
+
 Imports only jax and the standard library, so any JAX project can reuse it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from numbers import Real
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import jax
+import jax.custom_batching
+import jax.numpy as jnp
+
+__all__ = [
+    "CONSTRAINTS",
+    "Constraint",
+    "VMAP_REDUCTIONS",
+    "amean",
+    "apply_constraint",
+    "gmean",
+    "hmean",
+    "scale_bwd",
+    "scale_fwd",
+    "share_over_vmap",
+    "to_grad_input_scale",
+    "to_left_grad_scale",
+    "to_output_scale",
+    "to_right_grad_scale",
+    "vmap_reduction",
+]
+
+
+def __dir__() -> list[str]:
+    """`dir(module)` lists the public API, not the imported jax/numpy modules."""
+    return sorted(__all__)
 
 Constraint = Optional[Union[str, Callable[..., float]]]
 
@@ -155,3 +185,112 @@ def apply_constraint(constraint: Constraint, *scales: float) -> tuple[float, ...
         constraint = CONSTRAINTS[constraint]
     scale = constraint(*scales)
     return tuple(scale for _ in scales)
+
+
+# ------------------------------------------------------------------ vmapped batches
+
+VMAP_REDUCTIONS = ("sum", "mean", "none")
+_VMAP_REDUCTION: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "unit_scaling_vmap_reduction", default=None
+)
+
+
+@contextlib.contextmanager
+def vmap_reduction(reduction: str) -> Iterator[None]:
+    """Says how per-example results computed under `jax.vmap` are reduced, so that the
+    weight-gradient scales of the ops traced inside see the whole batch.
+
+    - "sum": the caller sums the per-example losses (or per-example gradients): every
+      vmapped axis of size `n` over which a parameter is shared counts as batch, and
+      the parameter's gradient is multiplied by `n^-1/2`. Gradients then equal those of
+      the same model written batched.
+    - "mean": the caller averages them, which divides every gradient by `n`; the
+      parameter's gradient is multiplied by `n^1/2` instead, so parameter gradients
+      again equal the batched ones. Activation gradients stay `n` times smaller, which
+      low-precision gradient formats round differently: prefer "sum", with the mean
+      taken in the forward pass only (`scale_fwd(jnp.sum(losses), 1 / n)`, as
+      `U.cross_entropy`'s "mean" does).
+    - "none": the lanes are independent problems (per-example gradients used one by
+      one, ensembles): each keeps the batch it sees.
+
+    Read when the ops are traced (the forward pass), like any Python state under `jit`.
+    Without it, differentiating an op whose parameter is shared across a vmapped axis
+    raises a ValueError that names the op and the axis size, rather than silently using
+    the per-example batch.
+    """
+    if reduction not in VMAP_REDUCTIONS:
+        raise ValueError(f"vmap_reduction must be one of {VMAP_REDUCTIONS}, got {reduction!r}")
+    token = _VMAP_REDUCTION.set(reduction)
+    try:
+        yield
+    finally:
+        _VMAP_REDUCTION.reset(token)
+
+
+def share_over_vmap(param: jax.Array, input: jax.Array, op: str = "op") -> jax.Array:
+    """`param` unchanged; for every `jax.vmap` axis of size `n` over which `input` is
+    batched and `param` is not, the gradient of `param` is multiplied by `n^-1/2`
+    ("sum"), `n^1/2` ("mean") or 1 ("none"), as set by `vmap_reduction`.
+
+    The scaled ops call it on their parameters (kernels, biases, tables, norm gains),
+    whose gradient scale `B^-1/2` counts the rows summed into the parameter: this adds
+    the vmapped rows the op cannot see in its shapes. The axis sizes come from a
+    `jax.custom_batching.custom_vmap` rule in the backward pass, so the vmap is seen
+    through `jit`, `scan`, `remat` and nested vmaps. Outside vmap it is the identity
+    in both passes (no arithmetic is added).
+    """
+    return _share(param, input, _VMAP_REDUCTION.get(), op)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _share(param, input, reduction, op):
+    return param
+
+
+def _probe(x: jax.Array) -> jax.Array:
+    """An empty float array that is batched exactly where `x` is."""
+    return x.reshape(-1)[:0].astype(jnp.float32)
+
+
+def _share_fwd(param, input, reduction, op):
+    return param, (_probe(input), _probe(param))
+
+
+def _share_bwd(reduction, op, res, g):
+    return _lane_scale(reduction, op)(g, *res), None
+
+
+_share.defvjp(_share_fwd, _share_bwd)
+
+
+@functools.lru_cache(maxsize=None)
+def _lane_scale(reduction: Optional[str], op: str):
+    """`g` unchanged outside vmap; one vmap level's factor per rule application."""
+
+    @jax.custom_batching.custom_vmap
+    def lane_scale(g, input_probe, param_probe):
+        return g
+
+    @lane_scale.def_vmap
+    def rule(axis_size, in_batched, g, input_probe, param_probe):
+        g_batched, input_batched, param_batched = in_batched
+        if input_batched and not param_batched:
+            if reduction is None:
+                raise ValueError(
+                    f"unit_scaling: {op}'s parameter is shared across a jax.vmap axis of "
+                    f"size {axis_size}, so its gradient scale needs the batch the vmap "
+                    "hides. Say how the per-example results are reduced, around the "
+                    "code that traces the model: `with unit_scaling.scale.vmap_reduction"
+                    "('sum')` (losses summed), 'mean' (averaged) or 'none' (independent "
+                    "lanes: per-example gradients, ensembles)."
+                )
+            factor = {"sum": axis_size**-0.5, "mean": axis_size**0.5, "none": 1.0}[reduction]
+            g = g * factor if factor != 1.0 else g
+        out = lane_scale(
+            g,
+            input_probe[0] if input_batched else input_probe,
+            param_probe[0] if param_batched else param_probe,
+        )
+        return out, g_batched
+
+    return lane_scale

@@ -80,6 +80,8 @@ _CORE_FILES = tuple(
 )
 _FUNCTIONAL_FILE = os.path.join("unit_scaling", "functional.py")
 _SCALE_FILE = os.path.join("unit_scaling", "scale.py")
+# `scale.share_over_vmap`: identity in both passes outside vmap; not a tensor of its own.
+_SHARE_OP = "custom_vjp:share_over_vmap"
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 DEFAULT_LAYER_REGEX = r"^(?:layers?|blocks?|h)_?\d+$"
 
@@ -262,7 +264,9 @@ class _Graph:
             if outer_info is not None and source_info_util.user_frame(info.traceback) is None:
                 info = outer_info
             name = eqn.primitive.name
-            if name in _INLINE:
+            if _eqn_op(eqn) == _SHARE_OP:  # an identity: its output is its input
+                outs = [ins[0] if ins else (None, False)]
+            elif name in _INLINE:
                 body, _ = _body(eqn)
                 outs = self.walk(
                     body, in_keys_j, [lv for _, lv in ins], path, eqn_scope, scans, info

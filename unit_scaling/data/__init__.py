@@ -12,6 +12,10 @@ The tfds builder for local text lives in `unit_scaling.data.tfds_builder` (impor
 demand: it imports tensorflow_datasets).
 """
 
+from unit_scaling._extras import require
+
+require("train", "unit_scaling.data", "grain", "sentencepiece")
+
 from unit_scaling.data.corpora import CorpusError, Document, TfdsNotPreparedError, load_corpus
 from unit_scaling.data.finetune import FINETUNE_TASKS, FinetuneInfo, make_finetune_pipeline
 from unit_scaling.data.pipeline import DataInfo, make_pretraining_dataset, make_pretraining_pipeline

@@ -5,6 +5,10 @@ its parameters as `ScaledParam` boxes (logical axis names + u-μP role + depth) 
 constrains its key activations with logical names (see `partitioning.DEFAULT_RULES`).
 """
 
+from unit_scaling._extras import require
+
+require("flax", "unit_scaling.nn", "flax")
+
 from unit_scaling.nn.attention import MultiHeadAttention
 from unit_scaling.nn.dropout import Dropout
 from unit_scaling.nn.embedding import Embedding

@@ -40,7 +40,7 @@ class ResidualMLPClassifier(nn.Module):
         for i in range(self.depth):
             # Each block is one residual branch of 2*depth (the rule counts attention
             # and MLP branches; here every block takes the MLP slot).
-            _, tau = p.residual_taus(i, self.depth, post_norm=False)
+            _, tau = p.residual_taus(i, self.depth)
             branch, skip = p.residual_split(h, tau)
             branch = usn.RMSNorm(parametrization=p, depth=self.depth)(branch)
             branch = usn.Linear(self.width, use_bias=False, parametrization=p,

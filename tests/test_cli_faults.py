@@ -106,8 +106,8 @@ def test_locked_preempted_corrupt_and_resumed(tmp_path):
 
     # 3. Resuming with another learning rate is refused, naming it; nothing is written.
     before = (workdir / "config.json").read_text()
-    done = launch([*cmd, "--config.train.lr=0.5"])
-    assert done.returncode == 2 and "train.lr: 0.001 -> 0.5" in error_line(done)
+    done = launch([*cmd, "--config.train.lr=0.25"])
+    assert done.returncode == 2 and "train.lr: 0.5 -> 0.25" in error_line(done)
     assert (workdir / "config.json").read_text() == before
 
     # 4. The latest checkpoint is corrupt: one line naming the step and the fix.

@@ -67,10 +67,11 @@ def test_bert_roles_in_the_table():
     assert t["encoder/stack/layer_2/mlp/wo/kernel"] == pytest.approx((M * N) ** -0.5)
     assert t["pooler/dense/kernel"] == pytest.approx(D**-0.5)
     assert t["nsp/kernel"] == 1.0 and t["mlm_output_bias"] == 1.0
-    # Post-norm: every norm gain and bias gets tau_mlp (`Parametrization.norm_lr_mult`).
+    # Post-norm: the norms on the stream get tau_mlp (`Parametrization.norm_lr_mult`),
+    # the MLM head's norm keeps u-μP's factor 1.
     tau_mlp = 0.02**2 * (D * M) ** 0.5 / 2
     assert t["encoder/embed_norm/scale"] == pytest.approx(tau_mlp)
-    assert t["mlm_norm/bias"] == pytest.approx(tau_mlp)
+    assert t["mlm_norm/bias"] == 1.0
     assert t["encoder/stack/layer_1/norm_0/bias"] == pytest.approx(tau_mlp * N**-0.5)
     pre = bert.BertForPreTraining(dataclasses.replace(cfg, norm_position="pre"))
     params = jax.eval_shape(lambda: pre.init(jax.random.key(0), b, deterministic=True))["params"]

@@ -258,20 +258,21 @@ class Parametrization:
         self, x: Array, kernel: Array, bias: Optional[Array] = None,
         formats: FormatPolicy = None, tied: bool = False,
     ) -> Array:
-        """Final projection to logits. sp: plain. unit/umup: `U.linear_readout` (forward
-        fan_in^-1, logits RMS fan_in^-1/2 at init: the μP readout), or for a readout
-        `tied` to the embedding table `U.linear` without a constraint (forward
-        fan_in^-1/2, logits RMS 1 at init).
+        """Final projection to logits. sp: plain. umup, and unit's untied readouts:
+        `U.linear_readout` (forward fan_in^-1, logits RMS fan_in^-1/2 at init: the μP
+        readout). unit's readout `tied` to the embedding table: `U.linear` without a
+        constraint (forward fan_in^-1/2, logits RMS 1 at init), as in the unit-scaling
+        library of 2023.
 
-        Why a tied readout differs: the μP readout moves the logits by Θ(lr) per Adam
-        step because its kernel has u-μP lr factor 1, and fan_in^-1 times `fan_in`
-        aligned updates of size lr is lr. A tied table is an embedding, whose lr factor
-        is fan_in^-1/2, so through a fan_in^-1 readout its logits would move by
-        lr fan_in^-1/2, vanishing with width: tiny BERT's MLM head learned about 11x
-        too slowly and sat at the unigram stage. fan_in^-1/2 restores Θ(lr). Under
-        `unit` (lr factor 1 everywhere) the same scale trained BERT (docs/results.md).
+        Why unit's tied readout differs: unit has no per-tensor lr rules, so Adam moves
+        the table by about lr per element and the logits by about `scale * lr * d`
+        (aligned updates): lr through a fan_in^-1 readout, 11x less than through
+        fan_in^-1/2 at d = 128, which left unit tiny BERT at the unigram stage. u-μP
+        keeps its μP readout tied or not: the norm before its readout (lr factor 1)
+        sets the logits' scale quickly, and with fan_in^-1/2 u-μP BERT learned less
+        (docs/results.md, "BERT's own architecture").
         """
-        if self.unit_scaled and tied:
+        if self.name == "unit" and tied:
             return U.linear(x, kernel, bias, constraint=None, formats=formats)
         if self.unit_scaled:
             return U.linear_readout(x, kernel, bias, formats=formats)
@@ -488,17 +489,18 @@ class Parametrization:
 
     def norm_lr_mult(self, norm_position: str, d_model: int, mlp_dim: int,
                      activation: str) -> float:
-        """The u-μP lr factor of every norm gain and bias (`ScaledParam.lr_mult`): 1
-        pre-norm; post-norm, the MLP branch weight `tau_mlp` of `post_norm_taus`.
+        """The u-μP lr factor of the gains and biases of the norms on the residual
+        stream (`ScaledParam.lr_mult`): 1 pre-norm; post-norm, the MLP branch weight
+        `tau_mlp` of `post_norm_taus`. A norm off the stream (BERT's MLM head) keeps 1.
 
         Why: u-μP's lr factor 1 for norms was set on pre-norm models, where a norm
         feeds one branch, whose effect on the residual stream the branch weight tau
         then damps. A post-norm norm *is* the stream: every layer's output is its
         output, so the same update moves the stream about 1/tau times more. Scaling
         its lr by tau_mlp (the larger branch weight) gives it the effect it has
-        pre-norm. Measured on tiny BERT (tau_mlp 0.051), eval MLM accuracy at 300
-        steps: 8.4% with factor 1, 13.3% with 0.1, 13.9% with tau_mlp (SP 11.4%;
-        docs/results.md, "BERT's own architecture").
+        pre-norm. Measured on u-μP tiny BERT (tau_mlp 0.051), eval MLM accuracy at 300
+        steps: 10.1% with factor 1, 13.9% with tau_mlp (SP 11.4%; docs/results.md,
+        "BERT's own architecture").
         """
         if norm_position != "post":
             return 1.0

@@ -27,10 +27,11 @@ Scales of the ops the reference lacks (unit/umup; derivations in the
 embeddings are scaled by 3^-1/2 forward only (`sum_embeddings`); the MLM positions and
 the [CLS] position are read with `U.gather_positions` (backward `(L/P)^1/2`), and the
 encoder output's gradient from the two heads by 2^-1/2 each; the tanh pooler by 1.593
-(E[tanh(x)^2]^-1/2 for x ~ N(0,1)); the tied readout is a fan_in^-1/2 linear on the
-table (`Parametrization.readout`), whose gradient is scaled by 2^-1/2 at each of its
-two uses (`Embedding`). Post-norm residual branch weights and norm lrs:
-`Parametrization.post_norm_taus` and `norm_lr_mult`.
+(E[tanh(x)^2]^-1/2 for x ~ N(0,1)); the tied readout (`Parametrization.readout`: μP
+under umup, fan_in^-1/2 under unit) scales the table's gradient by 2^-1/2 at each of
+its two uses (`Embedding`). Post-norm residual branch weights and the lr of the
+norms on the stream (not the MLM head's): `Parametrization.post_norm_taus` and
+`norm_lr_mult`.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ class BertForPreTraining(nn.Module):
         self.mlm_dense = unn.Linear(c.d_model, kernel_axes=("embed", None), formats=c.formats,
                                     use_bias=c.use_bias, name="mlm_dense", **kw)
         self.mlm_norm = unn.make_norm(c.norm, epsilon=c.norm_epsilon, use_bias=c.use_bias,
-                                      lr_mult=c.norm_lr_mult, name="mlm_norm", **kw)
+                                      name="mlm_norm", **kw)
         if c.tie_embeddings and c.use_bias:
             self.mlm_output_bias = make_param(self, "mlm_output_bias", nn.initializers.zeros,
                                               (c.vocab_size,), ("vocab",), "bias", None,

@@ -22,8 +22,8 @@ class Embedding(nn.Module):
     N(0, init_std^2) (sp). unit/umup scale the table gradient by (V/ids.size)^1/2.
 
     `attend(x [..., features], bias) -> [..., V]` is the tied readout
-    `x @ table^T (+ bias)` (`Parametrization.readout(tied=True)`: forward fan_in^-1/2
-    under unit/umup, see there why). When the table is `tied`, it receives two unit-scaled gradients (lookup
+    `x @ table^T (+ bias)` (`Parametrization.readout(tied=True)`: forward fan_in^-1
+    under umup, fan_in^-1/2 under unit, see there why). When the table is `tied`, it receives two unit-scaled gradients (lookup
     and readout), roughly independent, whose sum has RMS 2^1/2: each use scales the
     table's gradient by 2^-1/2 so that the total stays unit-scaled.
     """

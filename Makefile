@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# A small BERT (2 layers x 128, standard parametrization) pretrained on the embedded King James Bible;
+# A small u-μP BERT (2 layers x 128) pretrained on the embedded King James Bible;
 # under 10 minutes on a 2-core CPU. Rerunning resumes from the last checkpoint.
 train: $(VENV)/.installed
 	$(PY) train.py --config configs/bert.py:tiny --workdir runs/bert-tiny

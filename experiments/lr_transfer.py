@@ -7,12 +7,19 @@ r"""Learning-rate transfer across width (the u-μP paper's Figure 1, in miniatur
       --seq_len 256 --batch 64 --vocab 8192 --workdir runs/lr_transfer_gpu \
       --out experiments/results/lr_transfer_gpu --no-fast_compile  # bigger, on a GPU
   python -m experiments.lr_transfer --sp_lrs=-14,-12,-10 --umup_lrs=-2,0,2  # other grids
+  python -m experiments.lr_transfer --config configs/bert.py:tiny --widths 64,128,256,512 \
+      --head_dim 64 --mlp_ratio 4 --workdir runs/lr_transfer_bert \
+      --out experiments/results/lr_transfer_bert -- --config.model.norm_position=post \
+      --config.model.norm=layer_norm --config.model.activation=gelu \
+      --config.model.position=learned --config.model.use_bias=true  # BERT, its architecture
 
 The causal LM (`configs/causal_lm.py`: pre-norm RMSNorm, RoPE, SwiGLU) at several
 widths, each trained at a grid of peak learning rates (powers of 2) under standard
 parametrization (`sp`) and u-μP (`umup`). Width scales `d_model`, the number of heads
 (fixed head dim) and `mlp_dim` (a fixed multiple of d_model) together; depth, data,
-steps and seed are the same for every point. Every run trains in
+steps and seed are the same for every point. `--config` trains another config the
+same way (`configs/bert.py:tiny`: MLM+NSP; its `model.max_len` follows `--seq_len` and
+`data.max_predictions_per_seq` is 15% of it); flags after `--` go to every run. Every run trains in
 `WORKDIR/param=P,model.d_model=D,...,train.lr=LR` (see `experiments/sweep.py`; an
 interrupted sweep resumes, a diverging run is recorded and skipped). The runs execute
 `train.main` in this process (`--subprocess`: one `train.py` each) with XLA's fast
@@ -101,7 +108,10 @@ def width_point(width: int, head_dim: int, mlp_ratio: int) -> dict[str, str]:
 
 def common_overrides(args: argparse.Namespace) -> list[str]:
     """Flags every run of the sweep gets: short runs, per-step logging, no checkpoints."""
-    return [
+    bert = ([f"--config.model.max_len={args.seq_len}",
+             f"--config.data.max_predictions_per_seq={max(1, round(0.15 * args.seq_len))}"]
+            if "bert" in os.path.basename(config_of(args)) else [])
+    return [*bert,
         f"--config.seed={args.seed}",
         f"--config.train.steps={args.steps}",
         f"--config.train.global_batch_size={args.batch}",
@@ -113,6 +123,11 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         f"--config.train.eval_batches={max(args.eval_batches, 1)}",
         "--config.train.checkpoint_every=0",
     ]
+
+
+def config_of(args: argparse.Namespace) -> str:
+    """The config file[:arg] of the sweep (`--config`; the causal LM where absent)."""
+    return getattr(args, "config", None) or CONFIG
 
 
 FAST_COMPILE = "--xla_backend_optimization_level=0"
@@ -130,7 +145,7 @@ def run_sweep(args: argparse.Namespace, todo: list[dict[str, str]], extra: Seque
     dirs = [point_dir(args, p) for p in todo]
     before = sum(map(sweep.finished, dirs))
     start = time.perf_counter()
-    sweep.run_points(CONFIG, todo, args.workdir, [*common_overrides(args), *extra],
+    sweep.run_points(config_of(args), todo, args.workdir, [*common_overrides(args), *extra],
                      print_only=args.print, keep_going=True, log_name="train.log",
                      in_process=not args.subprocess)
     wall_s = time.perf_counter() - start
@@ -266,8 +281,10 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
 
 def _markdown(args, rows, optima) -> str:
     lines = [
-        f"Causal LM (`{CONFIG}` shapes changed per width): {args.layers} layers, head dim "
-        f"{args.head_dim}, mlp_dim = {args.mlp_ratio} x d_model, BPE vocab {args.vocab}, "
+        f"{'BERT MLM+NSP' if 'bert' in config_of(args) else 'Causal LM'} (`{config_of(args)}`"
+        + "".join(f" `{e}`" for e in getattr(args, "extra", []))
+        + f", shapes changed per width): {args.layers} layers, head dim "
+        f"{args.head_dim}, mlp_dim = {args.mlp_ratio} x d_model, vocab {args.vocab}, "
         f"batch {args.batch} x seq {args.seq_len}, {args.steps} steps (warmup 10%, cosine "
         f"to 0), seed {args.seed}, fp32; each parametrization with its config's "
         f"optimizer settings. Loss: "
@@ -320,6 +337,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", default="32,64,128,256", help="d_model values")
     parser.add_argument("--params", default="sp,umup", help="parametrizations")
+    parser.add_argument("--config", default=CONFIG,
+                        help="config file[:arg] of every run, as for train.py (e.g. "
+                             "configs/bert.py:tiny); flags after `--` go to every run")
     for param in PARAMS:
         parser.add_argument(f"--{param}_lrs", default=DEFAULT_LOG2_LRS[param],
                             help=f"log2 of the {param} peak learning rates")
@@ -330,6 +350,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     args.widths = [int(w) for w in args.widths.split(",")]
     args.params = args.params.split(",")
     args.lrs = {p: parse_log2(getattr(args, f"{p}_lrs")) for p in PARAMS}
+    args.extra = extra
     return args, extra
 
 

@@ -55,6 +55,29 @@ def test_lr_transfer_rejects_width_not_multiple_of_head_dim(capsys):
         lr_transfer.main(["--print", "--widths", "40", "--head_dim", "16"])
 
 
+def test_lr_transfer_config_bert_with_overrides(capsys, tmp_path):
+    post_norm = ["--config.model.norm_position=post", "--config.model.norm=layer_norm"]
+    cmds = _commands(capsys, lr_transfer.main, [
+        "--print", "--config", "configs/bert.py:tiny", "--params", "umup", "--widths", "64,128",
+        "--umup_lrs=-1,0", "--head_dim", "64", "--mlp_ratio", "4", "--seq_len", "40",
+        "--workdir", str(tmp_path), "--", *post_norm])
+    assert len(cmds) == 2 * 2
+    for cmd in cmds:
+        assert _flag(cmd, "config") == "configs/bert.py:tiny,param=umup"
+        width = int(_flag(cmd, "config.model.d_model"))
+        assert int(_flag(cmd, "config.model.num_heads")) * 64 == width
+        assert int(_flag(cmd, "config.model.mlp_dim")) == 4 * width
+        assert _flag(cmd, "config.model.max_len") == "40"  # BERT's positions follow seq_len
+        assert _flag(cmd, "config.data.max_predictions_per_seq") == "6"  # 15% of 40
+        assert cmd[-2:] == post_norm
+    # the causal LM (the default) gets neither BERT flag
+    (cmd,) = _commands(capsys, lr_transfer.main, [
+        "--print", "--params", "umup", "--widths", "32", "--umup_lrs=-1",
+        "--workdir", str(tmp_path)])
+    assert _flag(cmd, "config").startswith("configs/causal_lm.py:tiny")
+    assert not any("max_predictions_per_seq" in a or "max_len" in a for a in cmd)
+
+
 def test_umup_mults_points(capsys):
     cmds = _commands(capsys, umup_mults.main, ["--print", "--width", "64"])
     names = [_flag(c, "workdir") for c in cmds]

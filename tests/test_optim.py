@@ -69,7 +69,7 @@ def test_bert_roles_in_the_table():
     assert t["nsp/kernel"] == 1.0 and t["mlm_output_bias"] == 1.0
     # Post-norm: the norms on the stream get tau_mlp (`Parametrization.norm_lr_mult`),
     # the MLM head's norm keeps u-μP's factor 1.
-    tau_mlp = 0.02**2 * (D * M) ** 0.5 / 2
+    tau_mlp = 0.02**2 * (128 * M * 128 // D) ** 0.5 / 2  # at POST_NORM_REFERENCE_WIDTH
     assert t["encoder/embed_norm/scale"] == pytest.approx(tau_mlp)
     assert t["mlm_norm/bias"] == 1.0
     assert t["encoder/stack/layer_1/norm_0/bias"] == pytest.approx(tau_mlp * N**-0.5)

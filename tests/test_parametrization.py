@@ -94,9 +94,12 @@ def test_post_norm_taus_follow_the_mults():
     alpha_mlp = 0.7 * (2 / (1 + 1.3**2)) ** 0.5
     assert p.post_norm_taus(128, 512, "gelu", 64) == pytest.approx(
         (1.3 * alpha_mlp * base[0], alpha_mlp * base[1]))
-    # Standard BERT's ratios grow with width: the rule is width-aware.
-    wide = Parametrization("umup").post_norm_taus(512, 2048, "gelu", 64)
-    assert wide == pytest.approx((4 * base[0], 4 * base[1]))
+    # Standard BERT's ratios grow with width; unit follows them, umup takes them at
+    # POST_NORM_REFERENCE_WIDTH so that they do not depend on width (μP).
+    unit = Parametrization("unit")
+    assert unit.post_norm_taus(512, 2048, "gelu", 64) == pytest.approx(
+        tuple(4 * t for t in unit.post_norm_taus(128, 512, "gelu", 64)))
+    assert Parametrization("umup").post_norm_taus(512, 2048, "gelu", 64) == pytest.approx(base)
 
 
 def _sp_dense(x, z, std=0.02):

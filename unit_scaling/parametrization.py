@@ -54,6 +54,9 @@ ROLES = ("weight", "bias", "norm", "output", "embedding")
 # The init std of the standard BERT whose post-norm branch ratios unit/umup reproduce
 # (`Parametrization.post_norm_taus`).
 POST_NORM_REFERENCE_STD = 0.02
+# umup only: the width at which those ratios are taken (tiny BERT's), so that they do
+# not change with width as μP requires.
+POST_NORM_REFERENCE_WIDTH = 128
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 
 # ------------------------------------------------------------------------- precision
@@ -459,8 +462,11 @@ class Parametrization:
           `x silu(g) ~ x g / 2` makes it `s^3 d d_ff^1/2 / 2`;
         while the unit-scaled branches have RMS 1. Hence
         `tau_attn = alpha_attn s^2 d f` and `tau_mlp = alpha_mlp s^2 (d d_ff)^1/2 / 2`
-        (GELU): width-aware as standard BERT is. tiny BERT (d 128, d_ff 512, S 64):
-        0.0064 and 0.051; base (768, 3072, S 128): 0.027 and 0.31. The small attention
+        (GELU). tiny BERT (d 128, d_ff 512, S 64): 0.0064 and 0.051. `unit` takes d and
+        d_ff from the model, so its taus grow with width as standard BERT's do (base:
+        0.027 and 0.31); `umup` takes them at `POST_NORM_REFERENCE_WIDTH` = 128 (with
+        the model's d_ff/d), so they do not depend on width, as μP requires: with
+        the model's own widths u-μP's best lr fell by an octave per doubling of width. The small attention
         tau also damps what the unit-scaled attention does to a component shared by
         all positions (segment embeddings, norm biases): plain attention passes it
         unchanged, the unit-scaled one multiplies it by its output scale (about
@@ -471,6 +477,7 @@ class Parametrization:
         stage (docs/results.md, "BERT's own architecture").
         """
         alpha_attn, alpha_mlp = self._branch_alphas()
+        d_model, mlp_dim = self._post_norm_shape(d_model, mlp_dim)
         s = POST_NORM_REFERENCE_STD
         flat = ((math.log(seq_len) if causal else 1.0) / seq_len) ** 0.5
         return alpha_attn * s**2 * d_model * flat, self._post_norm_tau_mlp(d_model, mlp_dim, activation)
@@ -480,7 +487,17 @@ class Parametrization:
         alpha_mlp = self.residual_mult * (2 / (1 + self.residual_attn_ratio**2)) ** 0.5
         return self.residual_attn_ratio * alpha_mlp, alpha_mlp
 
+    def _post_norm_shape(self, d_model: int, mlp_dim: int) -> tuple[int, int]:
+        """The widths the post-norm taus are computed at: the model's own (sp, unit),
+        or under umup `POST_NORM_REFERENCE_WIDTH` with the model's d_ff/d, so that
+        u-μP's taus do not depend on width (with the model's widths u-μP's best lr fell
+        an octave per doubling of width: docs/results.md)."""
+        if self.name != "umup":
+            return d_model, mlp_dim
+        return POST_NORM_REFERENCE_WIDTH, mlp_dim * POST_NORM_REFERENCE_WIDTH // d_model
+
     def _post_norm_tau_mlp(self, d_model: int, mlp_dim: int, activation: str) -> float:
+        d_model, mlp_dim = self._post_norm_shape(d_model, mlp_dim)
         s = POST_NORM_REFERENCE_STD
         mlp = s**2 * (d_model * mlp_dim) ** 0.5 / 2
         if activation == "swiglu":

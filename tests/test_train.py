@@ -55,7 +55,8 @@ GOLDEN = {
 # How far these move with the machine: `python tests/golden_spread.py` reruns them
 # under AVX512 / AVX2 / SSE4.2 code paths, single-threaded Eigen and two device
 # meshes (other sum orders, as another CPU or XLA version gives). Every metric moved
-# by at most 1.7e-7 relative (2026-11-30, AMD EPYC, these numbers). 1e-5 leaves ~100x for other XLA
+# by at most 1.7e-7 relative (2026-11-30, AMD EPYC; sp/unit as here, umup before its
+# post-norm taus moved to a reference width, commit 82df2fe). 1e-5 leaves ~100x for other XLA
 # versions' fusion and reduction orders, and is 1000x below the 1% change a wrong
 # scale makes. (Before the attention key bias was dropped, its zero-in-theory
 # gradient was float noise that Adam turned into full-size updates: update_rms then

@@ -41,8 +41,10 @@ def verbose() -> bool:
 
 def fail(message: str) -> None:
     """Prints `error: message` (and how to get a traceback) to stderr; exits 2."""
-    print(f"error: {message}", file=sys.stderr)
-    print(f"(full traceback: {VERBOSE_ENV}=1)", file=sys.stderr)
+    # One write, flushed: a library's background threads (tensorstore after a failed
+    # save) may still be printing, and must not split the line.
+    sys.stderr.write(f"error: {message}\n(full traceback: {VERBOSE_ENV}=1)\n")
+    sys.stderr.flush()
     sys.exit(EXIT_USER_ERROR)
 
 

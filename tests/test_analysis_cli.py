@@ -15,7 +15,7 @@ import pytest
 
 from unit_scaling.analysis import cli, from_csv, from_json
 
-# The data of tests.test_data_helpers.small_*_config (its tokenizer is shared) and the
+# The data of tests.helpers.small_*_config (its tokenizer is shared) and the
 # model of tests/test_train.py::tiny, as command-line overrides.
 DATA = ["--config.data.corpus=kjv:Genesis+Matthew", "--config.data.vocab_size=1000",
         "--config.data.seq_len=64", "--config.data.shuffle_window=16"]

@@ -3,7 +3,7 @@ early with the field's name."""
 
 import pytest
 
-from tests.test_data_helpers import load_config
+from configs.common import load_config
 from unit_scaling.train import tasks
 
 PRESETS = [f"configs/bert.py:{s}" for s in ("tiny", "mini", "small", "medium", "base", "large")] + [

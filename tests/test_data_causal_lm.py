@@ -5,7 +5,7 @@ import collections
 import numpy as np
 import pytest
 
-from tests.test_data_helpers import small_causal_config, take
+from tests.helpers import small_causal_config, take
 from unit_scaling.data import causal_lm_packing as clm, corpora, pipeline, splits, stats
 from unit_scaling.data import tokenizer as tok
 from unit_scaling.data.tokenizer import CLS_ID, SEP_ID

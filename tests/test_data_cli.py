@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from tests.test_data_helpers import REPO, SMALL_CORPUS
+from configs.common import REPO
+from tests.helpers import SMALL_CORPUS
 
 
 def run_cli(*args):

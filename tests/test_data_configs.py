@@ -3,7 +3,7 @@
 import pytest
 
 from configs import common
-from tests.test_data_helpers import load_config
+from configs.common import load_config
 
 
 def test_parse_arg_types_flags_and_preset():

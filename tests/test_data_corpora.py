@@ -3,7 +3,7 @@
 import pytest
 import tensorflow_datasets as tfds
 
-from tests.test_data_helpers import SMALL_CORPUS
+from tests.helpers import SMALL_CORPUS
 from unit_scaling.data import corpora, sentences, tfds_builder
 
 

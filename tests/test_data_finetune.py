@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tests.test_data_helpers import small_bert_config
+from tests.helpers import small_bert_config
 from unit_scaling.data import corpora, finetune
 from unit_scaling.data.tokenizer import CLS_ID, SEP_ID
 

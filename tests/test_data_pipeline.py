@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tests.test_data_helpers import batches_equal, small_bert_config, small_causal_config, take
+from tests.helpers import batches_equal, small_bert_config, small_causal_config, take
 from unit_scaling.data import corpora, pipeline, splits, stats, tfds_builder
 
 

@@ -6,7 +6,7 @@ import pathlib
 import pytest
 import sentencepiece as spm
 
-from tests.test_data_helpers import SMALL_CORPUS, small_bert_config
+from tests.helpers import SMALL_CORPUS, small_bert_config
 from unit_scaling.data import corpora, tokenizer as tok
 
 

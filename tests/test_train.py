@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.test_data_helpers import small_bert_config, small_causal_config
+from tests.helpers import small_bert_config, small_causal_config
 from unit_scaling.train import checkpoint, loop, mesh as mesh_lib, metrics, optimizer, tasks
 from unit_scaling.train import step as step_lib
 

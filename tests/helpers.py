@@ -1,14 +1,21 @@
-"""Shared set-up for the data tests (imported by every tests/test_data_*.py).
+"""Plain helpers shared by several test files: no test file imports another.
 
-Tokenizers are trained once per process (conftest points the cache at a temporary
-directory of the process) on two KJV books with a 1000-piece vocabulary: small enough
-to keep the whole data suite fast.
+- The small data configs of the data tests: `SMALL_CORPUS`, `small_bert_config`,
+  `small_causal_config`, `take`, `batches_equal`. Their tokenizers are trained once per
+  process (conftest points the cache at a temporary directory of the process) on two KJV
+  books with a 1000-piece vocabulary: small enough to keep the whole data suite fast.
+
+Importing this module sets up nothing: the tests get their 8 CPU devices from
+conftest.py.
 """
 
-from configs.common import REPO, load_config  # noqa: F401  (re-exported for the tests)
+import numpy as np
+
+from configs.common import load_config
+
+# ------------------------------------------------------------------- data configs
 
 SMALL_CORPUS = "kjv:Genesis+Matthew"  # 78 chapters, 2,604 verses
-
 
 
 def small_bert_config(**data_overrides):
@@ -46,8 +53,6 @@ def take(iterator, n):
 
 def batches_equal(a, b) -> bool:
     """Whether two lists of batches (dicts of arrays) are identical."""
-    import numpy as np
-
     return len(a) == len(b) and all(
         x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
     )

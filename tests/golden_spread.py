@@ -33,7 +33,7 @@ def child(flags_name: str) -> None:
     import tempfile
 
     import tests.conftest  # noqa: F401  (8 forced CPU devices, like the suite)
-    from tests.test_train import run, tiny
+    from tests.helpers import run, tiny
 
     for param in ("sp", "unit", "umup"):
         for mesh_name, mesh in MESHES.items():

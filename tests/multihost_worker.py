@@ -22,14 +22,14 @@ jax.distributed.initialize(
     process_id=int(process_id), initialization_timeout=60,
 )
 
-from tests import test_loop  # noqa: E402
+from tests import helpers  # noqa: E402
 from unit_scaling.train import loop  # noqa: E402
 
 assert jax.device_count() == 8 and jax.local_device_count() == 4
-batches = test_loop.Batches(shard=(jax.process_index(), jax.process_count()),
+batches = helpers.Batches(shard=(jax.process_index(), jax.process_count()),
                             kill_at=kill_at if jax.process_index() == 0 else None)
 try:
-    loop.run(test_loop.config(), workdir, test_loop.make_task_factory(batches))
+    loop.run(helpers.toy_loop_config(), workdir, helpers.make_task_factory(batches))
 except loop.Preempted as e:
     print(f"process {jax.process_index()}: {e}")
     jax.distributed.shutdown()

@@ -13,16 +13,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.helpers import BERT_FLAGS as BERT, CAUSAL_FLAGS as CAUSAL, DATA_FLAGS as DATA
+from tests.helpers import SMALL_MODEL_FLAGS as SMALL_MODEL, tiny
 from unit_scaling.analysis import cli, from_csv, from_json
 
-# The data of tests.helpers.small_*_config (its tokenizer is shared) and the
-# model of tests/test_train.py::tiny, as command-line overrides.
-DATA = ["--config.data.corpus=kjv:Genesis+Matthew", "--config.data.vocab_size=1000",
-        "--config.data.seq_len=64", "--config.data.shuffle_window=16"]
-BERT = ["--config.data.tokenizer=bpe", "--config.data.max_predictions_per_seq=10"]
-CAUSAL = ["--config.data.num_packing_bins=16"]
-SMALL_MODEL = ["--config.model.d_model=32", "--config.model.num_layers=2",
-               "--config.model.num_heads=2", "--config.model.mlp_dim=64"]
 ONE_LAYER = "--config.model.num_layers=1"  # after SMALL_MODEL: compiles faster
 
 
@@ -105,7 +99,6 @@ def test_causal_lm_compare_sp_unit_umup(tmp_path, monkeypatch):
 
 
 def test_workdir_restores_the_trained_parameters(tmp_path, monkeypatch):
-    from tests.test_train import tiny
     from unit_scaling.train import loop, tasks
 
     workdir = tmp_path / "run"

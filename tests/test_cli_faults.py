@@ -17,7 +17,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# configs/bert.py:tiny shrunk as tests/test_train.py does; conftest's XLA_FLAGS (8 CPU
+# configs/bert.py:tiny shrunk as tests/helpers.py:tiny does; conftest's XLA_FLAGS (8 CPU
 # devices) and tokenizer cache are inherited, so the tokenizer is trained once.
 TINY = [
     "--config=configs/bert.py:tiny", "--config.data.corpus=kjv:Genesis+Matthew",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import scales_at_init
-from tests.test_analysis_cli import BERT, DATA, SMALL_MODEL
+from tests.helpers import BERT_FLAGS as BERT, DATA_FLAGS as DATA, SMALL_MODEL_FLAGS as SMALL_MODEL
 from unit_scaling.analysis import STAT_FIELDS, ScaleRecord
 
 

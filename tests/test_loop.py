@@ -6,63 +6,11 @@ import json
 import os
 import signal
 
-import ml_collections
 import numpy as np
 import pytest
 
-from tests.test_train_infra import train_config
-from tests.test_train_step import Toy
+from tests.helpers import Batches, make_task_factory, toy_loop_config as config
 from unit_scaling.train import loop, metrics
-
-
-class Batches:
-    """A deterministic iterator with grain-style get_state/set_state."""
-
-    def __init__(self, kill_at=None, nan_at=None, shard=(0, 1), loss_mult=1.0):
-        self.index, self.kill_at, self.nan_at, self.loss_mult = 0, kill_at, nan_at, loss_mult
-        self.shard = shard  # (process_index, process_count): rows of the global batch
-
-    def __next__(self):
-        self.index += 1
-        if self.index == self.kill_at:
-            os.kill(os.getpid(), signal.SIGTERM)
-        rng = np.random.default_rng(self.index)
-        x = rng.normal(size=(16, 4)).astype(np.float32)
-        scale = np.inf if self.index == self.nan_at else self.loss_mult
-        batch = {"x": x, "y": np.sin(x.sum(-1)), "scale": np.full((16,), scale, np.float32)}
-        index, count = self.shard
-        return {k: np.split(v, count)[index] for k, v in batch.items()}
-
-    def get_state(self):
-        return {"index": self.index}
-
-    def set_state(self, state):
-        self.index = state["index"]
-
-
-def config(**train):
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = {"name": "toy"}
-    c.param = "sp"
-    c.data = {"vocab_size": 0, "num_workers": 0}
-    c.mesh = {"data": -1, "fsdp": 1, "tensor": 1, "rules": [["batch", ["data", "fsdp"]]]}
-    c.train = train_config(steps=10, warmup_steps=2, global_batch_size=16, log_every=1,
-                           eval_every=0, eval_batches=1, checkpoint_every=5,
-                           keep_checkpoints=3, rms_every=5, profile_start=0,
-                           profile_steps=0)
-    c.train.update(train)
-    return c
-
-
-def make_task_factory(batches):
-    def make_task(cfg):
-        return loop.Task(
-            model=Toy(), train_batches=batches, eval_batches=None,
-            get_data_state=batches.get_state, set_data_state=batches.set_state,
-            optimizer_parts=lambda params: {}, flops_per_step=1e6, tokens_per_batch=16,
-        )
-    return make_task
 
 
 def losses(workdir):

@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 
-from tests import test_loop
+from tests import helpers
 from unit_scaling.train import loop, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +36,7 @@ def two_processes(workdir: str, *extra: str) -> list[tuple[int, str]]:
 
 def test_two_processes_match_one(tmp_path):
     single = str(tmp_path / "single")
-    loop.run(test_loop.config(), single, test_loop.make_task_factory(test_loop.Batches()))
+    loop.run(helpers.toy_loop_config(), single, helpers.make_task_factory(helpers.Batches()))
 
     multi = str(tmp_path / "multi")
     for returncode, out in two_processes(multi):

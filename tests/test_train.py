@@ -9,28 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import small_bert_config, small_causal_config
-from unit_scaling.train import checkpoint, loop, mesh as mesh_lib, metrics, optimizer, tasks
+from tests.helpers import run, tiny
+from unit_scaling.train import checkpoint, loop, mesh as mesh_lib, optimizer, tasks
 from unit_scaling.train import step as step_lib
-
-SMALL_MODEL = dict(d_model=32, num_layers=2, num_heads=2, mlp_dim=64)
-
-
-def tiny(objective="mlm_nsp", param="umup", steps=20, **train):
-    config = small_bert_config() if objective == "mlm_nsp" else small_causal_config()
-    config.param = param
-    config.model.update(SMALL_MODEL, dropout=0.0, attention_dropout=0.0)
-    if objective == "mlm_nsp":
-        config.model.max_len = 64
-    config.train.update(dict(steps=steps, log_every=1, eval_every=0, checkpoint_every=0,
-                             keep_checkpoints=2, lr={"sp": 3e-3, "unit": 3e-2, "umup": 1.0}[param],
-                             grad_clip=1.0 if param == "sp" else 0.0), **train)
-    return config
-
-
-def run(config, workdir):
-    loop.run(config, str(workdir), tasks.make_task)
-    return metrics.read_metrics(str(workdir))
 
 
 @pytest.mark.parametrize("objective", ["mlm_nsp", "causal_lm"])

@@ -5,24 +5,13 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tests.helpers import train_config
 from unit_scaling.train import checkpoint, mesh as mesh_lib, metrics, optimizer
-
-
-def train_config(**overrides):
-    c = ml_collections.ConfigDict(dict(
-        optimizer="adamw", lr=1e-3, schedule="cosine", warmup_steps=10, steps=100,
-        final_lr_fraction=0.1, weight_decay=0.01, grad_clip=1.0, grad_accum=1,
-        b1=0.9, b2=0.98, eps=1e-8, momentum=0.9, loss_scale="none",
-        loss_scale_value=2.0**15, loss_scale_period=2000,
-    ))
-    c.update(overrides)
-    return c
 
 
 # ------------------------------------------------------------------------------ mesh

@@ -1,24 +1,13 @@
 """The train state and step on a toy model: loss falls, loss scaling, non-finite
 handling, and sharded equals single-device."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tests.test_train_infra import train_config
+from tests.helpers import Toy, train_config
 from unit_scaling.train import mesh as mesh_lib, optimizer, step as step_lib
-
-
-class Toy(nn.Module):
-    @nn.compact
-    def __call__(self, batch, *, deterministic):
-        h = nn.Dense(16)(batch["x"])
-        h = nn.Dropout(0.1, deterministic=deterministic)(jax.nn.gelu(h))
-        pred = nn.Dense(1)(h)[:, 0]
-        loss = jnp.mean((pred - batch["y"]) ** 2) * batch["scale"][0]
-        return loss, {"mse": loss}
 
 
 def batch(n=16, scale=1.0):

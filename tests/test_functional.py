@@ -1,8 +1,17 @@
 """Every scaled op against its rule (exact ratios to the plain op) and against the
 unit-scale property (measured RMS/std at realistic shapes), in float32 and bfloat16.
 
-The expected scales are written out here from DESIGN.md section 2, independently of the
-library code, so a change of rule fails these tests.
+The expected scales are written out here from the rules, independently of the library
+code, so a change of rule fails these tests. The rule (Blake et al., 2023): for
+unit-normal inputs and output gradients, each op's output and each input gradient get
+RMS close to 1, from static shapes alone (where the target is another one, as for
+`linear_readout`'s output and the losses, the test says which). E.g. `matmul` of
+`(m, k) @ (k, n)` scales the output by `k^-1/2`, the left gradient by `n^-1/2` and the
+right one by `m^-1/2`; a constraint ("to_output_scale", "to_left_grad_scale", "gmean",
+...) gives the scales it ties together one value; a parameter's gradient, a sum over
+`B` rows, is scaled by `B^-1/2` (an embedding table's by `(V/B)^1/2`); the
+nonlinearities, softmax and attention use the PyTorch reference's fitted scales
+(`GELU_OUT`, `SILU_GRAD`, `attention_scale` below).
 """
 
 import math

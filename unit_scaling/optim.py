@@ -40,8 +40,9 @@ construction, from the boxed or abstract params `jax.eval_shape(model.init, ...)
 
 `boxed_params` is the "params" collection (`variables["params"]`), not the whole
 variables dict; `tx.update(grads, state, params)` must receive the params (optax's
-usual third argument) for the weight decay. For `sp`/`unit` the DESIGN's decoupled
-decay is optax.adamw's own `weight_decay` (with a `mask` if biases should be spared).
+usual third argument) for the weight decay. `sp`/`unit` take the usual decoupled decay
+(AdamW's: `lr(t) * weight_decay * p` per step, following the lr), which is
+optax.adamw's own `weight_decay` (with a `mask` if biases should be spared).
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ from unit_scaling.analysis.records import STAT_FIELDS, ScaleRecord, segment_stat
 # Primitives whose body is evaluated in place (their values are the body's values).
 _INLINE = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint"})
 _CORE_FILES = tuple(
-    os.path.join("unit_scaling", f) for f in ("functional.py", "scale.py", "formats.py")
+    os.path.join("unit_scaling", *f.split("/"))
+    for f in ("functional.py", "scale.py", "formats/quantisation.py", "formats/policy.py")
 )
 _FUNCTIONAL_FILE = os.path.join("unit_scaling", "functional.py")
 _SCALE_FILE = os.path.join("unit_scaling", "scale.py")

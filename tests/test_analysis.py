@@ -11,6 +11,7 @@ import pytest
 from jax.ad_checkpoint import checkpoint_name
 
 import unit_scaling.functional as U
+from unit_scaling import formats
 from unit_scaling.analysis import (
     FIELDS,
     from_csv,
@@ -113,6 +114,15 @@ def test_scaled_linear_is_one_op_with_its_documented_scales():
     ops = [r.op for r in eqn]
     # The matmul with its scaled backward (`_dense`), then the forward scale.
     assert ops == ["custom_vjp:_dense", "custom_vjp:scale_fwd"]
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_a_format_policy_matmul_stays_inside_its_op(real):
+    # The policy's matmul is traced in unit_scaling/formats/: part of the U.linear unit.
+    x, w = unit_rms(jax.random.key(3), (8, 16)), unit_rms(jax.random.key(4), (16, 32))
+    policy = formats.FormatPolicy(real=real)
+    records = track_scales(lambda x, w: U.linear(x, w, formats=policy))(x, w)
+    assert [r.op for r in activations(records)] == ["U.linear"]
 
 
 def test_ops_of_a_small_network_are_named_and_ordered():

@@ -98,3 +98,12 @@ def test_unknown_task_and_unprepared_glue(tmp_path):
         corpora.TfdsNotPreparedError, match=r"task='tfds:glue/sst2:train'.*not prepared"
     ):
         finetune.load_task("glue/sst2", "train", tfds_data_dir=str(tmp_path))
+
+
+def test_too_short_seq_len_fails_before_any_data_is_read(monkeypatch):
+    # The objective's validate runs first: no corpus is loaded, no tokenizer trained.
+    monkeypatch.setattr(finetune, "load_task", lambda *a, **k: pytest.fail("data was read"))
+    with pytest.raises(ValueError, match=r"data.seq_len=2 is too small for \[CLS\] A \[SEP\]"):
+        finetune.make_finetune_pipeline(
+            small_bert_config(seq_len=2), "kjv_books", "train", process_index=0, process_count=1
+        )

@@ -179,3 +179,18 @@ def test_tfds_mock_data_pipeline_and_unprepared_error(tmp_path):
     config.data.tfds_data_dir = str(tmp_path)
     with pytest.raises(corpora.TfdsNotPreparedError, match="not prepared"):
         make(config)
+
+
+def test_each_objective_defines_the_fields_its_model_reads():
+    from unit_scaling import batches
+    from unit_scaling.data import finetune
+    from unit_scaling.models import bert
+
+    assert pipeline.OBJECTIVES["mlm_nsp"].fields is batches.MLM_NSP
+    assert pipeline.OBJECTIVES["causal_lm"].fields is batches.CAUSAL_LM
+    assert finetune.CLASSIFICATION.fields is batches.CLASSIFICATION
+    assert bert.PRETRAINING_FIELDS == tuple(batches.MLM_NSP)
+    assert bert.CLASSIFICATION_FIELDS == ("input_ids", "segment_ids", "input_mask", "label")
+    spec = finetune.CLASSIFICATION.element_spec(small_bert_config().data, 4)
+    assert spec["input_ids"] == ((4, 64), np.dtype(np.int32))
+    assert spec["weight"] == ((4,), np.dtype(np.float32))

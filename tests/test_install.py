@@ -122,7 +122,8 @@ def test_metadata_version_license_and_typing():
 
 
 @pytest.mark.parametrize("module", ["unit_scaling.functional", "unit_scaling.scale",
-                                    "unit_scaling.formats", "unit_scaling.optim"])
+                                    "unit_scaling.formats", "unit_scaling.formats.quantisation",
+                                    "unit_scaling.formats.policy", "unit_scaling.optim"])
 def test_public_modules_declare_all(module):
     import importlib
 

@@ -32,17 +32,12 @@ import flax.linen as nn
 import jax
 
 from unit_scaling.analysis.records import ScaleRecord
-from unit_scaling.analysis.tracking import (
-    DEFAULT_LAYER_REGEX,
-    _Value,
-    escapes,
-    make_records,
-    op_entries,
-    trace_scales,
-)
+from unit_scaling.analysis.grouping import DEFAULT_LAYER_REGEX, escapes, make_records, op_entries
+from unit_scaling.analysis.interpreter import Value
+from unit_scaling.analysis.tracking import trace_scales
 
 
-def _module_exit(value: _Value, root: int) -> Optional[int]:
+def _module_exit(value: Value, root: int) -> Optional[int]:
     """The depth of the outermost module scope (below the first `root` components)
     that `value` leaves, or None."""
     for depth in range(root + 1, len(value.scope) + 1):
@@ -52,7 +47,7 @@ def _module_exit(value: _Value, root: int) -> Optional[int]:
     return None
 
 
-def _scan_labels(values: dict[str, _Value]) -> dict[str, int]:
+def _scan_labels(values: dict[str, Value]) -> dict[str, int]:
     """Scope component -> scan length, for the scans with a module label."""
     labels: dict[str, int] = {}
     for v in values.values():
@@ -62,7 +57,7 @@ def _scan_labels(values: dict[str, _Value]) -> dict[str, int]:
     return labels
 
 
-def _prepare_params(values: dict[str, _Value]) -> None:
+def _prepare_params(values: dict[str, Value]) -> None:
     """Names the arguments as parameters and marks scanned (stacked) ones, so their
     statistics are computed per iteration."""
     scan_labels = _scan_labels(values)
@@ -141,7 +136,7 @@ def track_model_scales(
     n_root = 1 if root is not None else 0
     chosen: dict[str, tuple] = {}
 
-    def select(values: dict[str, _Value]) -> set[str]:
+    def select(values: dict[str, Value]) -> set[str]:
         """The named tensors (static: from the graph, before anything runs)."""
         module_counts: dict[tuple, int] = {}
         for key, v in sorted(values.items(), key=lambda kv: kv[1].order):

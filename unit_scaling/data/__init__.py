@@ -3,8 +3,10 @@
 Depends on no model code. Entry points:
 
 - `make_pretraining_pipeline(config, split)` -> (batch iterator, DataInfo)
-  (fields: bert_instances.py for "mlm_nsp", causal_lm_packing.py for "causal_lm")
+  (objectives: `bert_instances.MLM_NSP`, `causal_lm_packing.CAUSAL_LM`; batch fields
+  in `unit_scaling.batches`)
 - `make_finetune_pipeline(config, task, split)` -> (batch iterator, FinetuneInfo)
+  (objective: `finetune.CLASSIFICATION`)
 - `load_corpus(spec)`, `tokenizer_from_config(config.data, corpus)`
 - `python -m unit_scaling.data --config configs/bert.py:tiny --stats` (inspection CLI)
 

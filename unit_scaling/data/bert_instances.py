@@ -34,27 +34,32 @@ One instance is a dict of numpy arrays (L = seq_len, P = max_predictions_per_seq
     masked_lm_ids        int32[P]   the original tokens there; 0-padded
     masked_lm_weights    float32[P] 1.0 for a prediction, 0.0 for padding
     next_sentence_label  int32[]    0: B follows A in the document, 1: B is random
+
+`MLM_NSP` is the objective ("mlm_nsp") of the pretraining pipeline: it makes these
+instances from groups of documents with `BertInstances`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
+import grain
 import numpy as np
 
+from unit_scaling import batches
 from unit_scaling.errors import ConfigError
+from unit_scaling.data.objectives import (
+    DocumentGroupExamples,
+    Objective,
+    PretrainingInputs,
+    require,
+)
+from unit_scaling.data.tokenized_corpus import TokenizedCorpus
 from unit_scaling.data.tokenizer import CLS_ID, MASK_ID, NUM_SPECIAL_TOKENS, SEP_ID
 
-INSTANCE_FIELDS = (
-    "input_ids",
-    "segment_ids",
-    "input_mask",
-    "masked_lm_positions",
-    "masked_lm_ids",
-    "masked_lm_weights",
-    "next_sentence_label",
-)
+INSTANCE_FIELDS = tuple(batches.MLM_NSP)
 MIN_SEQ_LEN = 5  # [CLS] a [SEP] b [SEP]
 
 
@@ -281,3 +286,72 @@ def _choose_whole_words(tokens, candidates, num_to_predict, rng, word_start):
             continue
         chosen.extend(group.tolist())
     return np.asarray(chosen, dtype=np.int64)
+
+
+class MlmNsp(Objective):
+    """The "mlm_nsp" objective: BERT instances of groups of documents."""
+
+    name = "mlm_nsp"
+    fields = batches.MLM_NSP
+
+    def validate(self, data) -> None:
+        instance_config(data, int(data.vocab_size))
+
+    def examples(self, groups: grain.IterDataset, inputs: PretrainingInputs) -> grain.IterDataset:
+        config = instance_config(inputs.data, inputs.tokenized.tokenizer.vocab_size)
+        return grain.experimental.FlatMapIterDataset(
+            groups,
+            BertInstances(inputs.tokenized, inputs.documents, config, inputs.seed("examples")),
+        )
+
+
+def instance_config(data, vocab_size: int) -> BertInstanceConfig:
+    """The instance settings of `config.data`, random replacements below `vocab_size`."""
+    return BertInstanceConfig(
+        seq_len=int(require(data, "seq_len")),
+        max_predictions_per_seq=int(require(data, "max_predictions_per_seq")),
+        vocab_size=vocab_size,
+        masked_lm_prob=float(require(data, "masked_lm_prob")),
+        short_seq_prob=float(require(data, "short_seq_prob")),
+        whole_word_masking=bool(data.get("whole_word_masking", False)),
+    )
+
+
+MLM_NSP = MlmNsp()
+_RANDOM_DOC_TRIES = 10
+
+
+class BertInstances(DocumentGroupExamples):
+    """BERT MLM+NSP instances of a group of documents (`create_instances_from_document`)."""
+
+    def __init__(
+        self,
+        tokenized: TokenizedCorpus,
+        documents: np.ndarray,
+        config: BertInstanceConfig,
+        seed: int,
+    ):
+        super().__init__(seed)
+        self.tokenized = tokenized
+        self.documents = np.asarray(documents)
+        self.config = config
+
+    def document_examples(self, document, sentences, rng):
+        return create_instances_from_document(
+            sentences,
+            functools.partial(self._random_other_document, document),
+            rng,
+            self.config,
+            self.tokenized.tokenizer.word_start,
+        )
+
+    def _random_other_document(self, document: int, rng: np.random.Generator):
+        # Another document of the same split (any process's shard), as in the reference:
+        # up to 10 tries to avoid the current one; empty documents are skipped too.
+        for _ in range(_RANDOM_DOC_TRIES):
+            other = int(self.documents[rng.integers(len(self.documents))])
+            if other != document:
+                sentences = self.tokenized[other]
+                if sentences:
+                    return sentences
+        return self.tokenized[document]

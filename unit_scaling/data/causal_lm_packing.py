@@ -23,6 +23,9 @@ A packed row (L = seq_len):
     segment_ids  int32[L]    1, 2, ... one per packed piece; 0 on padding
     positions    int32[L]    position inside the piece, from 0; 0 on padding
     weights      float32[L]  1.0 on tokens, 0.0 on padding (the loss mask)
+
+`CAUSAL_LM` is the objective ("causal_lm") of the pretraining pipeline: pieces of
+groups of documents (`CausalPieces`), packed.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from unit_scaling import batches
 from unit_scaling.errors import ConfigError
+from unit_scaling.data.objectives import DocumentGroupExamples, Objective, PretrainingInputs
 from unit_scaling.data.tokenizer import CLS_ID, SEP_ID
 
-PACKED_FIELDS = ("input_ids", "targets", "segment_ids", "positions", "weights")
+PACKED_FIELDS = tuple(batches.CAUSAL_LM)
 MIN_SEQ_LEN = 2
 
 
@@ -96,3 +101,40 @@ def finalize_packed_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "positions": row["input_ids_positions"].astype(np.int32),
         "weights": (segment_ids > 0).astype(np.float32),
     }
+
+
+class CausalLM(Objective):
+    """The "causal_lm" objective: packed rows of document pieces."""
+
+    name = "causal_lm"
+    fields = batches.CAUSAL_LM
+
+    def validate(self, data) -> None:
+        check_seq_len(int(data.seq_len))
+
+    def examples(self, groups: grain.IterDataset, inputs: PretrainingInputs) -> grain.IterDataset:
+        seq_len = int(inputs.data.seq_len)
+        pieces = grain.experimental.FlatMapIterDataset(
+            groups, CausalPieces(seq_len, inputs.seed("examples"))
+        )
+        return pack(
+            pieces,
+            seq_len,
+            num_packing_bins=int(inputs.data.get("num_packing_bins", max(inputs.batch_size, 32))),
+            seed=inputs.seed("packing"),
+        )
+
+
+CAUSAL_LM = CausalLM()
+
+
+class CausalPieces(DocumentGroupExamples):
+    """(input_ids, targets) pieces of a group of documents (`document_pieces`)."""
+
+    def __init__(self, seq_len: int, seed: int):
+        super().__init__(seed)
+        self.seq_len = seq_len
+
+    def document_examples(self, document, sentences, rng):
+        del document, rng  # cutting a document into pieces involves no randomness
+        return document_pieces(sentences, self.seq_len)

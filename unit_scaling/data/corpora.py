@@ -32,7 +32,7 @@ import importlib.resources
 import json
 import os
 import re
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 from unit_scaling.errors import UserError
 from unit_scaling.data import sentences as sentences_lib
@@ -443,9 +443,3 @@ def _pick_text_feature(features, spec: str) -> tuple[str, bool]:
         "bookcorpus) or build one from local text with `python -m unit_scaling.data "
         "--build_tfds=NAME`."
     )
-
-
-def corpus_sentences(corpus: Corpus, indices: Sequence[int]) -> Iterator[str]:
-    """The sentences of documents `indices` of `corpus`, in order."""
-    for i in indices:
-        yield from corpus[int(i)].sentences

@@ -31,7 +31,8 @@ A batch (B = per-process batch size, L = `config.data.seq_len`):
 
 Train pipelines shuffle (anew each epoch) and repeat; eval pipelines make one pass in
 order, each process over its shard, padded with weight-0 rows to the same number of
-batches (`info.num_batches`) on every process.
+batches (`info.num_batches`) on every process. `CLASSIFICATION` is the objective: it
+encodes the examples at those indices.
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import grain
 import numpy as np
 
+from unit_scaling import batches
 from unit_scaling.errors import ConfigError
 from unit_scaling.data import corpora, pipeline, splits
+from unit_scaling.data.objectives import Objective, require
 from unit_scaling.data.tokenizer import CLS_ID, SEP_ID, Tokenizer, tokenizer_from_config
 
 KJV_BOOKS = ("Genesis", "Psalms", "Proverbs", "Isaiah", "Matthew")
@@ -61,7 +64,7 @@ _GLUE = {
     ),
 }
 FINETUNE_TASKS = ("kjv_books", "kjv_testament", *_GLUE)
-FINETUNE_FIELDS = ("input_ids", "segment_ids", "input_mask", "label", "weight")
+FINETUNE_FIELDS = tuple(batches.CLASSIFICATION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,12 +119,8 @@ def encode_example(
     tokenizer: Tokenizer, text_a: str, text_b: str | None, seq_len: int
 ) -> dict[str, np.ndarray]:
     """[CLS] A [SEP] (B [SEP]) padded to `seq_len`: input_ids, segment_ids, input_mask."""
+    _check_seq_len(seq_len, pair=text_b is not None)
     specials = 3 if text_b is not None else 2
-    if seq_len < specials + (2 if text_b is not None else 1):
-        raise ConfigError(
-            f"data.seq_len={seq_len} is too small for [CLS] A [SEP]"
-            f"{' B [SEP]' if text_b is not None else ''} with at least one token per text."
-        )
     a = tokenizer.encode(text_a)
     b = tokenizer.encode(text_b) if text_b is not None else np.zeros(0, np.int32)
     budget = seq_len - specials
@@ -148,6 +147,41 @@ def encode_example(
     return {"input_ids": input_ids, "segment_ids": segment_ids, "input_mask": input_mask}
 
 
+def _check_seq_len(seq_len: int, pair: bool) -> None:
+    if seq_len < (5 if pair else 3):
+        raise ConfigError(
+            f"data.seq_len={seq_len} is too small for [CLS] A [SEP]"
+            f"{' B [SEP]' if pair else ''} with at least one token per text."
+        )
+
+
+class Classification(Objective):
+    """The "classification" objective: encoded (text_a, text_b, label) examples."""
+
+    name = "classification"
+    fields = batches.CLASSIFICATION
+
+    def validate(self, data) -> None:
+        # Pairs need two more positions; whether a task has pairs shows when encoding.
+        _check_seq_len(int(require(data, "seq_len")), pair=False)
+
+    def examples(self, indices: grain.MapDataset, inputs: ClassificationInputs) -> grain.MapDataset:
+        """The rows of the examples at `indices` (-1: a weight-0 padding row)."""
+        return indices.map(functools.partial(_encode_row, *inputs))
+
+
+class ClassificationInputs(NamedTuple):
+    """What classification rows are made from: (text_a, text_b or None, label)
+    `examples` (as `load_task` gives), the tokenizer, the row length."""
+
+    examples: Sequence
+    tokenizer: Tokenizer
+    seq_len: int
+
+
+CLASSIFICATION = Classification()
+
+
 def make_finetune_pipeline(
     config,
     task: str,
@@ -169,6 +203,7 @@ def make_finetune_pipeline(
     process_index, process_count = pipeline.resolve_processes(process_index, process_count)
     global_batch_size = int(config.train.global_batch_size)
     batch_size = pipeline.per_process_batch_size(global_batch_size, process_count)
+    CLASSIFICATION.validate(data)
     seq_len = int(data.seq_len)
     tfds_data_dir = data.get("tfds_data_dir") or None
     examples, label_names = load_task(task, split, tfds_data_dir=tfds_data_dir)
@@ -181,12 +216,12 @@ def make_finetune_pipeline(
         else corpora.load_corpus(data.corpus, tfds_data_dir=tfds_data_dir),
     )
     shard = splits.shard_documents(np.arange(len(examples)), process_index, process_count)
-    encode = functools.partial(_encode_row, examples, tokenizer, seq_len)
+    inputs = ClassificationInputs(examples, tokenizer, seq_len)
     read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4 * batch_size)
 
     if split == "train":
         seed = pipeline.derive_seed(int(config.get("seed", 0)), process_index, "finetune", task)
-        ds = grain.MapDataset.source(shard).shuffle(seed=seed).repeat(None).map(encode)
+        ds = grain.MapDataset.source(shard).shuffle(seed=seed).repeat(None)
         num_batches = None
     else:
         # Every process makes the same number of batches (multi-host steps stay in
@@ -194,15 +229,9 @@ def make_finetune_pipeline(
         num_batches = math.ceil(math.ceil(len(examples) / process_count) / batch_size)
         padded = np.full(num_batches * batch_size, -1, np.int64)
         padded[: len(shard)] = shard
-        ds = grain.MapDataset.source(padded).map(encode)
+        ds = grain.MapDataset.source(padded)
+    ds = CLASSIFICATION.examples(ds, inputs)
     batched = ds.to_iter_dataset(read).batch(batch_size, drop_remainder=True)
-    spec = {
-        "input_ids": ((batch_size, seq_len), np.dtype(np.int32)),
-        "segment_ids": ((batch_size, seq_len), np.dtype(np.int32)),
-        "input_mask": ((batch_size, seq_len), np.dtype(np.int32)),
-        "label": ((batch_size,), np.dtype(np.int32)),
-        "weight": ((batch_size,), np.dtype(np.float32)),
-    }
     info = FinetuneInfo(
         task=task,
         label_names=tuple(label_names),
@@ -212,7 +241,7 @@ def make_finetune_pipeline(
         global_batch_size=global_batch_size,
         num_examples=len(examples),
         num_batches=num_batches,
-        element_spec=spec,
+        element_spec=CLASSIFICATION.element_spec(data, batch_size),
     )
     return iter(pipeline.add_prefetch(batched, data)), info
 

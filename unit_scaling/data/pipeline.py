@@ -5,8 +5,9 @@
     state = iterator.get_state()   # JSON-serialisable dict
     iterator.set_state(state)      # resumes at exactly the next batch
 
-`config.data.objective` picks the example type: "mlm_nsp" (fields in
-`bert_instances.py`) or "causal_lm" (fields in `causal_lm_packing.py`). Every batch
+`config.data.objective` picks the example type: "mlm_nsp" (`bert_instances.MLM_NSP`)
+or "causal_lm" (`causal_lm_packing.CAUSAL_LM`), objects that check their settings,
+make the examples and give the batch fields (`objectives.py`). Every batch
 has a leading per-process batch dimension B = `config.train.global_batch_size /
 process_count`; the training loop assembles global arrays from the per-process
 batches (`jax.make_array_from_process_local_data`).
@@ -18,11 +19,12 @@ What the pipeline does, per process:
 2. shuffled (a new order each epoch) and repeated, each document tagged with its
    position in that stream, and grouped `data.shuffle_window` documents at a time;
 3. tokenized (`tokenized_corpus.py`, a few threads through grain's ReadOptions);
-4. turned into examples by a flat map over each group, seeded by (seed, process,
-   stream position), so every epoch gets fresh NSP pairs and masks and a restored
-   iterator recomputes exactly the same ones; the group's examples are shuffled
-   together so that a batch mixes many documents; for the causal LM the examples
-   are document pieces, then packed into rows;
+4. turned into examples by the objective's flat map over each group
+   (`objectives.DocumentGroupExamples`), seeded by (seed, process, stream position),
+   so every epoch gets fresh NSP pairs and masks and a restored iterator recomputes
+   exactly the same ones; the group's examples are shuffled together so that a batch
+   mixes many documents; for the causal LM the examples are document pieces, then
+   packed into rows;
 5. batched with `drop_remainder`, prefetched by a background thread
    (`data.prefetch` batches) or by `data.num_workers` processes.
 
@@ -42,15 +44,17 @@ import grain
 import numpy as np
 
 from unit_scaling.errors import ConfigError
-from unit_scaling.data import bert_instances, causal_lm_packing, corpora, splits
+from unit_scaling.data import corpora, splits
+from unit_scaling.data.bert_instances import MLM_NSP
+from unit_scaling.data.causal_lm_packing import CAUSAL_LM
+from unit_scaling.data.objectives import Objective, PretrainingInputs, require
 from unit_scaling.data.tokenized_corpus import TokenizedCorpus
 from unit_scaling.data.tokenizer import Tokenizer, tokenizer_from_config
 
-OBJECTIVES = ("mlm_nsp", "causal_lm")
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (MLM_NSP, CAUSAL_LM)}
 EVAL_SEED = 0
 _READ_THREADS = 2
 _READ_GROUPS = 2  # document groups tokenized ahead of the flat map
-_RANDOM_DOC_TRIES = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,29 +139,20 @@ def make_pretraining_dataset(
 ) -> tuple[grain.IterDataset, DataInfo]:
     """Unbatched examples of this process (arguments as `make_pretraining_pipeline`)."""
     data = config.data
-    objective = _require(data, "objective")
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"config.data.objective={objective!r}; use one of {OBJECTIVES}.")
+    name = require(data, "objective")
+    if name not in OBJECTIVES:
+        raise ConfigError(f"config.data.objective={name!r}; use one of {tuple(OBJECTIVES)}.")
+    objective = OBJECTIVES[name]
     process_index, process_count = resolve_processes(process_index, process_count)
-    global_batch_size = int(_require(config.train, "global_batch_size", "config.train"))
+    global_batch_size = int(require(config.train, "global_batch_size", "config.train"))
     batch_size = per_process_batch_size(global_batch_size, process_count)
-    seq_len = int(_require(data, "seq_len"))
-    if objective == "mlm_nsp":
-        # Checked before the corpus is read or a tokenizer trained: fail fast.
-        bert_instances.BertInstanceConfig(
-            seq_len=seq_len,
-            max_predictions_per_seq=int(_require(data, "max_predictions_per_seq")),
-            vocab_size=int(data.vocab_size),
-            masked_lm_prob=float(_require(data, "masked_lm_prob")),
-            short_seq_prob=float(_require(data, "short_seq_prob")),
-        )
-    else:
-        causal_lm_packing.check_seq_len(seq_len)
+    seq_len = int(require(data, "seq_len"))
+    objective.validate(data)  # before the corpus is read or a tokenizer trained: fail fast
     if split not in splits.SPLITS:
         raise ConfigError(f"split={split!r}; use one of {splits.SPLITS}.")
 
     tfds_data_dir = data.get("tfds_data_dir") or None
-    train_corpus = corpora.load_corpus(_require(data, "corpus"), tfds_data_dir=tfds_data_dir)
+    train_corpus = corpora.load_corpus(require(data, "corpus"), tfds_data_dir=tfds_data_dir)
     tokenizer = tokenizer_from_config(data, train_corpus)
     corpus, documents = _split_corpus(data, train_corpus, split, tfds_data_dir)
     tokenized = TokenizedCorpus(corpus, tokenizer)
@@ -172,60 +167,21 @@ def make_pretraining_dataset(
     if window < 1:
         raise ConfigError(f"data.shuffle_window={window} must be >= 1 (1 = no mixing).")
     # Groups of `window` documents travel together: their examples are made and
-    # shuffled as one list by the flat map below (see DocumentGroupExamples).
+    # shuffled as one list by the objective's flat map (objectives.DocumentGroupExamples).
     groups = docs.batch(window, batch_fn=tuple).map(functools.partial(_attach_tokens, tokenized))
     groups = groups.to_iter_dataset(
         grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_GROUPS)
     )
-    example_seed = derive_seed(seed, process_index, "examples")
-
-    if objective == "mlm_nsp":
-        instance_config = bert_instances.BertInstanceConfig(
-            seq_len=seq_len,
-            max_predictions_per_seq=int(data.max_predictions_per_seq),
-            vocab_size=tokenizer.vocab_size,
-            masked_lm_prob=float(data.masked_lm_prob),
-            short_seq_prob=float(data.short_seq_prob),
-            whole_word_masking=bool(data.get("whole_word_masking", False)),
-        )
-        examples = grain.experimental.FlatMapIterDataset(
-            groups, BertInstances(tokenized, documents, instance_config, example_seed)
-        )
-        spec = {
-            "input_ids": ((batch_size, seq_len), np.dtype(np.int32)),
-            "segment_ids": ((batch_size, seq_len), np.dtype(np.int32)),
-            "input_mask": ((batch_size, seq_len), np.dtype(np.int32)),
-            "masked_lm_positions": (
-                (batch_size, instance_config.max_predictions_per_seq),
-                np.dtype(np.int32),
-            ),
-            "masked_lm_ids": (
-                (batch_size, instance_config.max_predictions_per_seq),
-                np.dtype(np.int32),
-            ),
-            "masked_lm_weights": (
-                (batch_size, instance_config.max_predictions_per_seq),
-                np.dtype(np.float32),
-            ),
-            "next_sentence_label": ((batch_size,), np.dtype(np.int32)),
-        }
-    else:
-        examples = grain.experimental.FlatMapIterDataset(
-            groups, CausalPieces(seq_len, example_seed)
-        )
-        examples = causal_lm_packing.pack(
-            examples,
-            seq_len,
-            num_packing_bins=int(data.get("num_packing_bins", max(batch_size, 32))),
-            seed=derive_seed(seed, process_index, "packing"),
-        )
-        spec = {
-            name: ((batch_size, seq_len), np.dtype(np.float32 if name == "weights" else np.int32))
-            for name in causal_lm_packing.PACKED_FIELDS
-        }
-
+    inputs = PretrainingInputs(
+        data=data,
+        tokenized=tokenized,
+        documents=documents,
+        batch_size=batch_size,
+        seed=functools.partial(derive_seed, seed, process_index),
+    )
+    examples = objective.examples(groups, inputs)
     info = DataInfo(
-        objective=objective,
+        objective=name,
         tokenizer=tokenizer,
         vocab_size=int(data.vocab_size),
         tokenizer_vocab_size=tokenizer.vocab_size,
@@ -235,7 +191,7 @@ def make_pretraining_dataset(
         process_index=process_index,
         process_count=process_count,
         num_documents=len(documents),
-        element_spec=spec,
+        element_spec=objective.element_spec(data, batch_size),
     )
     return examples, info
 
@@ -320,89 +276,6 @@ def _attach_tokens(tokenized: TokenizedCorpus, group):
     return tuple((position, document, tokenized[document]) for position, document in group)
 
 
-class DocumentGroupExamples(grain.experimental.FlatMapTransform):
-    """Flat map: a group of (position, document, sentences) -> its shuffled examples.
-
-    Each document's examples are drawn from a generator seeded by (seed, position),
-    where position is the document's place in the endless shuffled stream: every
-    epoch gets new ones, and re-running the flat map (grain does, to restore an
-    iterator) gives the same ones. The group's examples are then shuffled together, so
-    a batch mixes many documents.
-
-    Why not grain's WindowShuffleIterDataset: it pays one `index_shuffle` call per
-    element, which costs 50 us for a 1024-element window and 700 us for a 64-element
-    one (grain 0.2.18, measured here), more than making the example.
-    """
-
-    max_fan_out = 1 << 20  # only MapDataset flat maps use it; ours is an IterDataset one
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def document_examples(self, document: int, sentences, rng: np.random.Generator) -> list:
-        """The examples of one document (subclasses)."""
-        raise NotImplementedError
-
-    def flat_map(self, group):
-        examples = []
-        for position, document, sentences in group:
-            if sentences:
-                rng = np.random.default_rng((self.seed, position))
-                examples.extend(self.document_examples(document, sentences, rng))
-        if len(group) > 1 and len(examples) > 1:
-            order = np.random.default_rng((self.seed, group[0][0], 1)).permutation(len(examples))
-            examples = [examples[i] for i in order]
-        return examples
-
-
-class BertInstances(DocumentGroupExamples):
-    """BERT MLM+NSP instances of a group of documents (bert_instances.py)."""
-
-    def __init__(
-        self,
-        tokenized: TokenizedCorpus,
-        documents: np.ndarray,
-        config: bert_instances.BertInstanceConfig,
-        seed: int,
-    ):
-        super().__init__(seed)
-        self.tokenized = tokenized
-        self.documents = np.asarray(documents)
-        self.config = config
-
-    def document_examples(self, document, sentences, rng):
-        return bert_instances.create_instances_from_document(
-            sentences,
-            functools.partial(self._random_other_document, document),
-            rng,
-            self.config,
-            self.tokenized.tokenizer.word_start,
-        )
-
-    def _random_other_document(self, document: int, rng: np.random.Generator):
-        # Another document of the same split (any process's shard), as in the reference:
-        # up to 10 tries to avoid the current one; empty documents are skipped too.
-        for _ in range(_RANDOM_DOC_TRIES):
-            other = int(self.documents[rng.integers(len(self.documents))])
-            if other != document:
-                sentences = self.tokenized[other]
-                if sentences:
-                    return sentences
-        return self.tokenized[document]
-
-
-class CausalPieces(DocumentGroupExamples):
-    """(input_ids, targets) pieces of a group of documents (causal_lm_packing.py)."""
-
-    def __init__(self, seq_len: int, seed: int):
-        super().__init__(seed)
-        self.seq_len = seq_len
-
-    def document_examples(self, document, sentences, rng):
-        del document, rng  # cutting a document into pieces involves no randomness
-        return causal_lm_packing.document_pieces(sentences, self.seq_len)
-
-
 def _split_corpus(data, train_corpus, split, tfds_data_dir):
     """(corpus, document indices) of `split`."""
     eval_split = data.get("eval_split", "") or ""
@@ -447,11 +320,3 @@ def _check_has_text(tokenized, shard, split, process_index, process_count, num_d
         f"process {process_index} contain no text; point data.corpus at files with text."
     )
 
-
-def _require(section, name: str, where: str = "config.data"):
-    if name not in section:
-        raise ConfigError(
-            f"{where}.{name} is missing; configs/bert.py and configs/causal_lm.py show "
-            "every field the data pipeline reads."
-        )
-    return section[name]

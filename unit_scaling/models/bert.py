@@ -43,6 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unit_scaling import batches
 from unit_scaling import nn as unn
 from unit_scaling.models.config import TransformerConfig, make_config
 from unit_scaling.nn.partitioning import constrain, make_param
@@ -157,9 +158,8 @@ def _check_batch(batch: dict, fields: tuple[str, ...]) -> None:
         raise ValueError(f"batch is missing field(s) {missing}; BERT needs {list(fields)}")
 
 
-PRETRAINING_FIELDS = ("input_ids", "segment_ids", "input_mask", "masked_lm_positions",
-                      "masked_lm_ids", "masked_lm_weights", "next_sentence_label")
-CLASSIFICATION_FIELDS = ("input_ids", "segment_ids", "input_mask", "label")
+PRETRAINING_FIELDS = batches.required(batches.MLM_NSP)
+CLASSIFICATION_FIELDS = batches.required(batches.CLASSIFICATION)
 
 
 class BertForPreTraining(nn.Module):

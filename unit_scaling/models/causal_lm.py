@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unit_scaling import batches
 from unit_scaling import nn as unn
 from unit_scaling.models.config import TransformerConfig, make_config
 from unit_scaling.models.sampling import sample_logits
@@ -129,7 +130,7 @@ class CausalLM(nn.Module):
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
     def __call__(self, batch: dict, *, deterministic: bool):
-        fields = ("input_ids", "targets", "segment_ids", "positions", "weights")
+        fields = batches.required(batches.CAUSAL_LM)
         missing = [f for f in fields if f not in batch]
         if missing:
             raise ValueError(f"batch is missing field(s) {missing}; CausalLM needs {list(fields)}")

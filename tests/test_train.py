@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from tests.test_data_helpers import small_bert_config, small_causal_config
-from unit_scaling.train import checkpoint, loop, mesh as mesh_lib, metrics, optimizer, tasks
-from unit_scaling.train import step as step_lib
+from unit_scaling.train import checkpoint, loop, metrics, tasks, trainer as trainer_lib
 
 SMALL_MODEL = dict(d_model=32, num_layers=2, num_heads=2, mlp_dim=64)
 
@@ -29,7 +28,7 @@ def tiny(objective="mlm_nsp", param="umup", steps=20, **train):
 
 
 def run(config, workdir):
-    loop.run(config, str(workdir), tasks.make_task)
+    loop.run(config, str(workdir))
     return metrics.read_metrics(str(workdir))
 
 
@@ -79,25 +78,17 @@ def test_checkpoint_from_8_devices_restores_on_4_and_1(tmp_path):
     config = tiny(steps=2, checkpoint_every=2)
     config.mesh.update(data=2, fsdp=2, tensor=2)
     run(config, tmp_path)
-    task = tasks.make_task(config)
-    local = next(task.train_batches)
-    rules = tuple(tuple(r) for r in config.mesh.rules)
-    loss_scale = optimizer.make_loss_scale(config.train)
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
     for devices in (4, 1):
-        mesh = mesh_lib.make_mesh({"fsdp": -1}, devices=jax.devices()[:devices])
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            example = loop.global_batch(local, mesh_lib.batch_sharding(mesh))
-            _, init, shardings = loop.plan_state(task, config.train, loss_scale, mesh, rules,
-                                                 example, config.seed)
-            abstract = jax.eval_shape(init, example)
+        trainer = trainer_lib.build(config, devices=jax.devices()[:devices])
+        trainer.close()
         ckpt = checkpoint.Checkpointer(os.path.join(tmp_path, "checkpoints"),
                                        json.loads(config.to_json_best_effort()), every=0, keep=2)
-        state, data_state, step = ckpt.restore(checkpoint.abstract_like(abstract, shardings))
+        state, data_state, step = ckpt.restore(trainer.abstract_state())
         ckpt.close()
         assert step == 2 and data_state
         for path, leaf in jax.tree_util.tree_leaves_with_path(state):
             assert leaf.sharding.mesh.devices.size == devices, jax.tree_util.keystr(path)
-    task.close()
 
 
 def test_finetune_from_pretraining_run(tmp_path):
@@ -172,25 +163,18 @@ def test_2x2x2_mesh_step_matches_one_device():
     in theory (softmax ignores a constant shift), and Adam would turn its float
     noise, which differs between layouts, into full-size updates."""
     config = tiny(steps=2, optimizer="sgd", lr=0.1)
-    task = tasks.make_task(config)
-    local = [next(task.train_batches) for _ in range(2)]
-    task.close()
-    rules = tuple(tuple(r) for r in config.mesh.rules)
-    loss_scale = optimizer.make_loss_scale(config.train)
-    schedule = optimizer.learning_rate_schedule(config.train)
     results = {}
     for name, sizes, devices in (("one", {"data": 1}, jax.devices()[:1]),
                                  ("2x2x2", {"data": 2, "fsdp": 2, "tensor": 2}, None)):
-        mesh = mesh_lib.make_mesh(sizes, devices=devices)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            batches = [loop.global_batch(b, mesh_lib.batch_sharding(mesh)) for b in local]
-            tx, init, shardings = loop.plan_state(task, config.train, loss_scale, mesh, rules,
-                                                  batches[0], config.seed)
-            state = jax.jit(init, out_shardings=shardings)(batches[0])
-            step = jax.jit(step_lib.make_train_step(task.model, tx, schedule),
-                           out_shardings=(shardings, None))
-            for batch in batches:
-                state, m = step(state, batch)
+        config.mesh.update(data=1, fsdp=1, tensor=1)
+        config.mesh.update(sizes)
+        trainer = trainer_lib.build(config, devices=devices)
+        local = [trainer.first, next(trainer.task.train_batches)]
+        trainer.close()
+        with trainer.context():
+            state = trainer.init(trainer.global_batch(local[0]))
+            for batch in local:
+                state, m = trainer.train_step(state, trainer.global_batch(batch))
             results[name] = (float(m["train/loss"]), jax.device_get(state.params))
     assert results["2x2x2"][0] == pytest.approx(results["one"][0], rel=1e-5)
     for a, b in zip(jax.tree.leaves(results["2x2x2"][1]), jax.tree.leaves(results["one"][1])):

@@ -13,7 +13,7 @@ embedded King James Bible; `configs/causal_lm.py:tiny`: the decoder-only LM on t
 text; the variant and precision are appended to ARG) trains in each
 precision (`precision=fp32|bf16|fp16|fp8`; fp8 = E4M3 forward operands and E5M2
 output gradients of every linear layer, simulated) in four variants, each at its
-config's default peak lr (the config file's DEFAULT_LR):
+config's default peak lr (the lr column of the config file's PARAMETRIZATIONS):
 
 - `sp`: standard parametrization, no loss scaling;
 - `sp+ls`: the same with a loss scale of 2^15 (`config.train.loss_scale_value`):

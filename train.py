@@ -40,11 +40,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _MULTIHOST.value:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    from unit_scaling.train import loop, tasks  # after jax.distributed.initialize
+    from unit_scaling.train import loop, rundir  # after jax.distributed.initialize
 
     logging.info("process %d/%d, devices: %s", jax.process_index(), jax.process_count(), jax.devices())
     try:
-        final = loop.run(_CONFIG.value, _WORKDIR.value, tasks.make_task)
+        final = loop.run(_CONFIG.value, _WORKDIR.value)
     except loop.Preempted as e:
         if jax.process_index() == 0:
             print(e, file=sys.stderr)
@@ -52,8 +52,9 @@ def main(argv):
     if jax.process_index() == 0:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(final.items()) if "/" in k and not k.startswith("rms/"))
         print(f"final: {summary}")
-        print(f"TensorBoard: tensorboard --logdir {_WORKDIR.value}/tensorboard")
-        print(f"metrics: {_WORKDIR.value}/metrics.jsonl; checkpoints: {_WORKDIR.value}/checkpoints")
+        run_dir = rundir.RunDir(_WORKDIR.value)
+        print(f"TensorBoard: tensorboard --logdir {run_dir.tensorboard}")
+        print(f"metrics: {run_dir.metrics_path}; checkpoints: {run_dir.checkpoints}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ r"""Speed of the full train step under sp, unit and umup, in fp32, bf16 and fp8.
   python benchmarks/speed.py --gpu_suite --out benchmarks/results/h100   # one 80 GB GPU
 
 For every config and precision the script builds the training step exactly as
-`train.py` does (`unit_scaling.train.loop`: the task, the optimizer from
-`config.train`, the sharded train state, the jitted and donated
+`train.py` does (`unit_scaling.train.trainer.build`: the task, the optimizer from
+the config, the sharded train state, the jitted and donated
 `step.make_train_step`), compiles it once per parametrization, and runs it on one fixed
 batch. The three parametrizations are timed interleaved: every round runs one step of
 each (in a rotating order), so that a machine whose load changes during the run slows
@@ -63,11 +63,9 @@ from configs import common
 from configs.common import load_config
 from experiments.report import machine, markdown_table
 from unit_scaling.data import pipeline as pipeline_lib
-from unit_scaling.train import loop, tasks
-from unit_scaling.train import mesh as mesh_lib
 from unit_scaling.train import metrics as metrics_lib
-from unit_scaling.train import optimizer as optimizer_lib
-from unit_scaling.train import step as step_lib
+from unit_scaling.train import tasks
+from unit_scaling.train import trainer as trainer_lib
 
 DEFAULT_CONFIGS = "configs/bert.py:tiny,configs/causal_lm.py:tiny"
 
@@ -157,9 +155,9 @@ def _synthetic_pipeline(config, split: str = "train", **unused):
     return _RepeatBatch(batch), info
 
 
-def make_task(config, real_data: bool = False) -> loop.Task:
+def make_task(config, real_data: bool = False) -> tasks.Task:
     """`tasks.make_task(config)`, on synthetic batches unless `real_data`."""
-    # Only the pipeline is swapped: model, optimizer parts and FLOPs stay the trainer's.
+    # Only the pipeline is swapped: model and FLOPs stay the trainer's.
     return tasks.make_task(config, pipeline=None if real_data else _synthetic_pipeline)
 
 
@@ -276,35 +274,22 @@ class Bench:
 
 
 def compile_step(config, real_data: bool = False, label: str = "") -> Bench:
-    """Compiles `config`'s train step as `loop.run` builds it (state not yet made);
-    `label` names the config in the row."""
+    """Compiles `config`'s train step as `loop.run` builds it (`trainer.build`; state
+    not yet made); `label` names the config in the row."""
     train = config.train
-    mesh = mesh_lib.make_mesh({axis: config.mesh[axis] for axis in mesh_lib.AXES})
-    rules = tuple(tuple(r) for r in config.mesh.rules)
-    mesh_lib.check_batch_size(train.global_batch_size // train.grad_accum, mesh)
-    task = make_task(config, real_data)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
-    batch = loop.global_batch(next(task.train_batches), batch_sharding)
-    task.close()
-    schedule = optimizer_lib.learning_rate_schedule(train)
-    loss_scale = optimizer_lib.make_loss_scale(train)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        tx, init, shardings = loop.plan_state(task, train, loss_scale, mesh, rules, batch,
-                                              config.seed)
-        abstract_state = jax.eval_shape(init, batch)
+    trainer = trainer_lib.build(config, functools.partial(make_task, real_data=real_data))
+    trainer.close()
+    task, batch = trainer.task, trainer.global_batch(trainer.first)
+    abstract_state = trainer.abstract_state()
+    with trainer.context():
         start = time.perf_counter()
-        lowered = jax.jit(
-            step_lib.make_train_step(task.model, tx, schedule),
-            in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-            donate_argnums=0,
-        ).lower(abstract_state, batch)
+        lowered = trainer.train_step.lower(abstract_state, batch)
         compiled = lowered.compile()
         compile_s = time.perf_counter() - start
-        init_jit = jax.jit(init, out_shardings=shardings)
 
     def make_state():
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return init_jit(batch)
+        with trainer.context():
+            return trainer.init(batch)
 
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -330,7 +315,7 @@ def compile_step(config, real_data: bool = False, label: str = "") -> Bench:
         row["xla_bytes"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
     return Bench(param=config.param, compiled=compiled, init=make_state, batch=batch, row=row,
-                 mesh=mesh, rules=rules)
+                 mesh=trainer.mesh, rules=trainer.rules)
 
 
 # ----------------------------------------------------------------------------- timing

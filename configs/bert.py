@@ -26,38 +26,47 @@ except ImportError:  # loaded by path from outside the repository root
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
     from configs import common
 
-# Data and schedule of each size (model shapes: unit_scaling.models.bert.PRESETS).
-# vocab_size is the model's vocabulary; the tokenizer learns at most that many pieces.
-PRESETS = {
-    # tiny is the CPU demo of `make train`: short sequences (KJV verses are ~30
-    # tokens), a small vocabulary and no dropout, so 600 steps learn visibly.
-    "tiny": dict(vocab_size=4096, seq_len=64, predictions=10, global_batch_size=64,
-                 steps=600, dropout=0.0),
-    "mini": dict(vocab_size=8192, global_batch_size=64, steps=5000),
-    "small": dict(vocab_size=16384, global_batch_size=128, steps=20_000),
-    "medium": dict(vocab_size=16384, global_batch_size=128, steps=50_000),
-    "base": dict(vocab_size=30522, global_batch_size=256, steps=900_000),
-    "large": dict(vocab_size=30522, global_batch_size=256, steps=900_000),
+# One row per size: the model's shape (Turc et al. 2019; base and large as in BERT:
+# heads = d_model/64, mlp = 4 d_model), its data and its schedule. vocab is the model's
+# vocabulary (the tokenizer learns at most that many pieces); predictions are the MLM
+# positions per sequence (~ seq_len * masked_lm_prob). tiny is the CPU demo of `make
+# train`: short sequences (KJV verses are ~30 tokens), a small vocabulary and no
+# dropout, so 600 steps learn visibly. Parameters with vocab 30522 and max_len 512:
+# tiny 4.4M, mini 11.3M, small 29.1M, medium 41.7M, base 110.1M, large 336.2M
+# (tests/test_configs.py).
+SIZES = {
+    #          layers d_model heads mlp_dim  vocab  seq_len predictions batch  steps    dropout
+    "tiny":   (2,     128,    2,    512,     4096,  64,     10,         64,    600,     0.0),
+    "mini":   (4,     256,    4,    1024,    8192,  128,    20,         64,    5_000,   0.1),
+    "small":  (4,     512,    8,    2048,    16384, 128,    20,         128,   20_000,  0.1),
+    "medium": (8,     512,    8,    2048,    16384, 128,    20,         128,   50_000,  0.1),
+    "base":   (12,    768,    12,   3072,    30522, 128,    20,         256,   900_000, 0.1),
+    "large":  (24,    1024,   16,   4096,    30522, 128,    20,         256,   900_000, 0.1),
 }
 
+# BERT's own architecture; and the one u-μP learns fastest on the embedded corpus
+# (docs/results.md, "BERT: which architecture"). BERT's own trains under u-μP too:
+# `--config.model.norm_position=post --config.model.norm=layer_norm
+# --config.model.activation=gelu --config.model.position=learned --config.model.use_bias=true`.
+BERT = dict(norm_position="post", norm="layer_norm", activation="gelu", position="learned",
+            use_bias=True)
+PRE_NORM = dict(norm_position="pre", norm="rms_norm", activation="swiglu", position="rope",
+                use_bias=False)
 
-# The architecture of each parametrization. sp and unit: BERT's own (post-norm
-# LayerNorm, GELU, learned positions, biases). umup: the one it learns fastest on the
-# embedded corpus (pre-norm RMSNorm, SwiGLU, RoPE, no biases; docs/results.md, "BERT:
-# which architecture"); BERT's own trains too (`--config.model.norm_position=post
-# --config.model.norm=layer_norm --config.model.activation=gelu
-# --config.model.position=learned --config.model.use_bias=true`).
-ARCHITECTURE = {
-    "sp": {},
-    "unit": {},
-    "umup": dict(norm_position="pre", norm="rms_norm", activation="swiglu",
-                 position="rope", use_bias=False),
+# One row per parametrization. lr: the peak Adam learning rate (docs/results.md); unit's
+# 5e-2 is SP's 1e-3 at std 0.02 carried over to unit-RMS weights (Adam's update is
+# relative: 1e-3 / 0.02); u-μP's is O(1) because its per-tensor factors (fan_in^-1/2,
+# depth^-1/2) are applied on top. weight_decay: sp/unit AdamW's decoupled decay (x lr);
+# umup's is independent, a fraction of the weights per step at peak lr, for which 0.01
+# would be far too strong: off. grad_clip: unit-scaled gradients have RMS ~1 per
+# element, so their global norm grows with the parameter count: clipping at a fixed
+# norm would clip every step.
+PARAMETRIZATIONS = {
+    #        lr     weight_decay  grad_clip  architecture
+    "sp":   (1e-3,  0.01,         1.0,       BERT),
+    "unit": (5e-2,  0.01,         0.0,       BERT),
+    "umup": (0.5,   0.0,          0.0,       PRE_NORM),
 }
-
-# Peak Adam learning rates (docs/results.md). unit's 5e-2 is SP's 1e-3 at std 0.02
-# carried over to unit-RMS weights (Adam's update is relative: 1e-3 / 0.02); u-μP's is
-# O(1) because its per-tensor factors (fan_in^-1/2, depth^-1/2) are applied on top.
-DEFAULT_LR = {"sp": 1e-3, "unit": 5e-2, "umup": 0.5}
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -66,37 +75,31 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     args = common.parse_arg(arg, size="tiny", seed=0, corpus="kjv", param="umup",
                             precision="fp32")
-    preset = common.select_preset(PRESETS, args.size)
+    (layers, d_model, heads, mlp_dim, vocab, seq_len, predictions, batch, steps,
+     dropout) = common.select_preset(SIZES, args.size)
+    lr, weight_decay, grad_clip, architecture = common.select_preset(
+        PARAMETRIZATIONS, args.param, "param")
     config = ml_collections.ConfigDict()
-    common.top_level(config, args)
-    config.init_from = ""
-    config.data = data_config(preset, args.corpus)
-    dropout = preset.get("dropout", 0.1)
-    architecture = common.select_preset(ARCHITECTURE, args.param, "param")
-    config.model = common.model_config(bert.BertConfig, **bert.PRESETS[args.size],
-                                       dropout=dropout, attention_dropout=dropout,
-                                       **architecture)
-    config.train = common.train_config(
-        global_batch_size=preset["global_batch_size"], lr=DEFAULT_LR.get(args.param, 1e-3),
-        steps=preset["steps"],
-        # sp/unit: AdamW's decoupled decay (x lr). umup: independent decay, a fraction
-        # of the weights per step at peak lr: 0.01 would be far too strong; off.
-        weight_decay=0.0 if args.param == "umup" else 0.01,
-    )
-    config.train.warmup_steps = config.train.get_ref("steps") // 10  # follows --config.train.steps
-    # Unit-scaled gradients have RMS ~1 per element, so their global norm grows with
-    # the parameter count: clipping at a fixed norm would clip every step.
-    config.train.grad_clip = 1.0 if args.param == "sp" else 0.0
-    config.mesh = common.mesh_config()
+    config.size = args.size
+    config.seed = args.seed
+    config.param = args.param  # "sp" | "unit" | "umup"
+    config.precision = args.precision  # "fp32" | "bf16" | "fp16" | "fp8"
+    config.init_from = ""  # fine-tuning: the pretraining run's --workdir
+
+    config.data = common.data_section(
+        objective="mlm_nsp", corpus=args.corpus, tokenizer="unigram", vocab_size=vocab,
+        seq_len=seq_len)
+    config.data.max_predictions_per_seq = predictions
+    config.data.masked_lm_prob = 0.15
+    config.data.short_seq_prob = 0.1
+    config.data.whole_word_masking = False
+
+    config.model = common.model_section(
+        bert.BertConfig, num_layers=layers, d_model=d_model, num_heads=heads,
+        mlp_dim=mlp_dim, dropout=dropout, attention_dropout=dropout, **architecture)
+
+    config.train = common.train_section(
+        steps=steps, global_batch_size=batch, optimizer="adamw", lr=lr, schedule="linear",
+        weight_decay=weight_decay, grad_clip=grad_clip, b1=0.9, b2=0.999)
+    config.mesh = common.mesh_section()
     return config
-
-
-def data_config(preset: dict, corpus: str) -> ml_collections.ConfigDict:
-    """config.data: corpus, tokenizer and MLM+NSP instance settings."""
-    data = common.corpus_config("mlm_nsp", corpus, preset["vocab_size"],
-                                preset.get("seq_len", 128), "unigram")
-    data.max_predictions_per_seq = preset.get("predictions", 20)  # ~ seq_len * masked_lm_prob
-    data.masked_lm_prob = 0.15
-    data.short_seq_prob = 0.1
-    data.whole_word_masking = False
-    return data

@@ -1,5 +1,6 @@
-"""Helpers shared by the config files: parsing the `get_config(arg)` string, and the
-sections every config has (`data` basics, `model`, `train`, `mesh`).
+"""Helpers of the config files: loading one, parsing its `get_config(arg)` string, and
+building the sections from the values a config file gives (`data`, `model`, `train`)
+plus the settings no recipe changes (the bookkeeping tables below), and the mesh.
 
 A config is chosen on the command line as `--config configs/bert.py:ARG`, where ARG
 is a comma list such as `tiny` or `base,param=umup,precision=fp8` (big_vision style);
@@ -122,30 +123,60 @@ def convert(key: str, raw: str, default: Any) -> Any:
     return raw
 
 
-def corpus_config(objective: str, corpus: str, vocab_size: int, seq_len: int,
-                  tokenizer: str) -> ml_collections.ConfigDict:
-    """The `config.data` fields every pretraining config has."""
-    data = ml_collections.ConfigDict()
-    data.objective = objective
-    # "kjv" | "kjv:BOOK+BOOK" | "text:GLOB" | "tfds:NAME[/CONFIG][:SPLIT]"
-    data.corpus = corpus
-    data.tfds_data_dir = ""  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
-    data.tokenizer = tokenizer  # "unigram" | "bpe" (sentencepiece)
-    data.tokenizer_path = ""  # "" = train on the corpus once and cache
-    data.tokenizer_sample_size = 1_000_000  # sentences the tokenizer is trained on
-    data.vocab_size = vocab_size
-    data.seq_len = seq_len
-    data.eval_fraction = 0.02  # documents held out for eval (by a fixed hash)
-    data.eval_split = ""  # tfds corpora: a separate split for eval instead
-    data.shuffle_window = 64  # documents whose examples are shuffled together
-    data.num_workers = 0  # > 0: grain worker processes
-    data.prefetch = 2  # batches prepared ahead by a background thread
-    return data
+# The data pipeline's plumbing, the same for every pretraining config (a config file
+# gives objective, corpus, tokenizer, vocab_size and seq_len).
+DATA_PLUMBING = dict(
+    tfds_data_dir="",  # "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    tokenizer_path="",  # "" = train on the corpus once and cache
+    tokenizer_sample_size=1_000_000,  # sentences the tokenizer is trained on
+    eval_fraction=0.02,  # documents held out for eval (by a fixed hash)
+    eval_split="",  # tfds corpora: a separate split for eval instead
+    shuffle_window=64,  # documents whose examples are shuffled together
+    num_workers=0,  # > 0: grain worker processes
+    prefetch=2,  # batches prepared ahead by a background thread
+)
+
+# What a config file must give for `train`: its recipe.
+TRAIN_RECIPE = ("steps", "global_batch_size", "optimizer", "lr", "schedule", "weight_decay",
+                "grad_clip", "b1", "b2")
+# The trainer's other settings, the same for every config (0 turns an `*_every` off).
+TRAIN_BOOKKEEPING = dict(
+    final_lr_fraction=0.0,  # of lr, reached at the last step ("linear" | "cosine")
+    grad_accum=1,  # micro-batches per update (global_batch_size is the update's)
+    eps=1e-8,
+    momentum=0.9,  # sgd
+    loss_scale="none",  # "none" | "static" | "dynamic" (the SP fp16/fp8 baselines)
+    loss_scale_value=2.0**15,
+    loss_scale_period=2000,
+    log_every=50,
+    eval_every=500,
+    eval_batches=20,
+    checkpoint_every=500,
+    keep_checkpoints=2,
+    rms_every=0,  # per-tensor RMS of params, grads and updates every N steps
+    profile_start=0,  # a profiler trace of profile_steps steps from this step
+    profile_steps=5,
+    # Resuming with a changed trajectory field (steps, lr, schedule, batch, seed,
+    # corpus, ...) is refused unless this is true; the changes are then printed.
+    allow_resume_changes=False,
+    restore_step=0,  # resume from this checkpoint step (0: the latest); later ones are set aside
+)
 
 
-def model_config(model_cls: type, **fields: Any) -> ml_collections.ConfigDict:
-    """`config.model`: every field of the model's config dataclass (its defaults,
-    updated by `fields`), except `param`, `precision` and `vocab_size`."""
+def data_section(objective: str, corpus: str, tokenizer: str, vocab_size: int,
+                 seq_len: int) -> ml_collections.ConfigDict:
+    """`config.data`: the given fields and `DATA_PLUMBING`. `corpus`: "kjv" |
+    "kjv:BOOK+BOOK" | "text:GLOB" | "tfds:NAME[/CONFIG][:SPLIT]"; `tokenizer`:
+    "unigram" | "bpe" (sentencepiece)."""
+    return ml_collections.ConfigDict(dict(
+        objective=objective, corpus=corpus, tokenizer=tokenizer, vocab_size=vocab_size,
+        seq_len=seq_len, **DATA_PLUMBING))
+
+
+def model_section(model_cls: type, **fields: Any) -> ml_collections.ConfigDict:
+    """`config.model`: every field of the model's config dataclass (so that any can be
+    overridden on the command line): the given `fields`, the others at the dataclass's
+    defaults; without `param`, `precision` (top level) and `vocab_size` (`data`)."""
     model = ml_collections.ConfigDict()
     for f in dataclasses.fields(model_cls):
         if f.name not in _NOT_IN_MODEL_SECTION:
@@ -155,48 +186,20 @@ def model_config(model_cls: type, **fields: Any) -> ml_collections.ConfigDict:
     return model
 
 
-def train_config(**fields: Any) -> ml_collections.ConfigDict:
-    """`config.train` with every field the trainer reads (0 turns an `*_every` off)."""
-    train = ml_collections.ConfigDict(dict(
-        steps=1000,
-        global_batch_size=32,
-        optimizer="adamw",  # "adamw" | "lamb" | "sgd"
-        lr=1e-3,
-        warmup_steps=100,
-        schedule="linear",  # "linear" | "cosine" | "constant" after warmup
-        final_lr_fraction=0.0,
-        weight_decay=0.01,  # sp/unit: decoupled (x lr); umup: independent (x lr/peak lr),
-        # i.e. the fraction of each weight removed per step at peak lr (~1e-4, not 1e-2)
-        grad_clip=1.0,  # global norm; 0 = off
-        grad_accum=1,  # micro-batches per update (global_batch_size is the update's)
-        b1=0.9,
-        b2=0.999,
-        eps=1e-8,
-        momentum=0.9,  # sgd
-        loss_scale="none",  # "none" | "static" | "dynamic" (the SP fp16/fp8 baselines)
-        loss_scale_value=2.0**15,
-        loss_scale_period=2000,
-        log_every=50,
-        eval_every=500,
-        eval_batches=20,
-        checkpoint_every=500,
-        keep_checkpoints=2,
-        rms_every=0,  # per-tensor RMS of params, grads and updates every N steps
-        profile_start=0,  # a profiler trace of profile_steps steps from this step
-        profile_steps=5,
-        # Resuming with a changed trajectory field (steps, lr, schedule, batch, seed,
-        # corpus, ...) is refused unless this is true; the changes are then printed.
-        allow_resume_changes=False,
-        restore_step=0,  # resume from this checkpoint step (0: the latest); later ones are set aside
-    ))
-    for key, value in fields.items():
-        if key not in train:
-            raise ValueError(f"config.train has no field {key!r}")
-        train[key] = value
+def train_section(**recipe: Any) -> ml_collections.ConfigDict:
+    """`config.train`: the config file's `recipe` (every field of `TRAIN_RECIPE`),
+    `TRAIN_BOOKKEEPING`, and a linear warmup over the first tenth of the steps."""
+    missing = [f for f in TRAIN_RECIPE if f not in recipe]
+    unknown = sorted(set(recipe) - set(TRAIN_RECIPE))
+    if missing or unknown:
+        raise ValueError(f"train_section: missing {missing}, unknown {unknown}; set exactly "
+                         f"{', '.join(TRAIN_RECIPE)}")
+    train = ml_collections.ConfigDict({**recipe, **TRAIN_BOOKKEEPING})
+    train.warmup_steps = train.get_ref("steps") // 10  # follows --config.train.steps
     return train
 
 
-def mesh_config() -> ml_collections.ConfigDict:
+def mesh_section() -> ml_collections.ConfigDict:
     """`config.mesh`: axis sizes (one may be -1: the remaining devices) and the
     logical-axis rules that map parameter and activation axes onto them."""
     from unit_scaling.nn.partitioning import DEFAULT_RULES
@@ -206,11 +209,3 @@ def mesh_config() -> ml_collections.ConfigDict:
         rules=[[name, list(axes) if isinstance(axes, tuple) else axes]
                for name, axes in DEFAULT_RULES],
     ))
-
-
-def top_level(config: ml_collections.ConfigDict, args: ml_collections.ConfigDict) -> None:
-    """Sets `size, seed, param, precision` from the parsed argument."""
-    config.size = args.size
-    config.seed = args.seed
-    config.param = args.param
-    config.precision = args.precision

@@ -24,6 +24,10 @@ except ImportError:  # loaded by path from outside the repository root
     from configs import bert, common
 
 
+# Peak learning rates for fine-tuning, per parametrization.
+LR = {"sp": 1e-4, "unit": 3e-3, "umup": 0.1}
+
+
 def get_config(arg: str = "kjv_books") -> ml_collections.ConfigDict:
     """The config for `arg` (see the module docstring)."""
     args = common.parse_arg(arg, task="kjv_books", size="tiny", seed=0, param="sp",
@@ -34,5 +38,5 @@ def get_config(arg: str = "kjv_books") -> ml_collections.ConfigDict:
     config.data.task = args.task
     config.train.update(steps=300, global_batch_size=32, log_every=25, eval_every=100,
                         eval_batches=1000, checkpoint_every=0)
-    config.train.lr = {"sp": 1e-4, "unit": 3e-3, "umup": 0.1}[args.param]
+    config.train.lr = common.select_preset(LR, args.param, "param")
     return config

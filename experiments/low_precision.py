@@ -13,7 +13,7 @@ embedded King James Bible; `configs/causal_lm.py:tiny`: the decoder-only LM on t
 text; the variant and precision are appended to ARG) trains in each
 precision (`precision=fp32|bf16|fp16|fp8`; fp8 = E4M3 forward operands and E5M2
 output gradients of every linear layer, simulated) in four variants, each at its
-config's default peak lr (the config file's DEFAULT_LR):
+config's default peak lr (the lr column of the config file's PARAMETRIZATIONS):
 
 - `sp`: standard parametrization, no loss scaling;
 - `sp+ls`: the same with a loss scale of 2^15 (`config.train.loss_scale_value`):
@@ -67,7 +67,7 @@ from unit_scaling.train.rundir import RunDir
 VARIANTS = ("sp", "sp+ls", "unit", "umup")
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 LOSS_SCALES = ("static", "dynamic")
-LOG_FILE = "train.log"
+LOG_FILE = RunDir.LOG
 LABELS = {"sp": "SP", "sp+ls": "SP + loss scale", "unit": "unit scaling", "umup": "u-μP"}
 COLORS = {"sp": "tab:red", "sp+ls": "tab:orange", "unit": "tab:blue", "umup": "tab:green"}
 DEFAULT_CONFIG = "configs/bert.py:tiny"
@@ -161,11 +161,8 @@ def status(workdir: str) -> str:
     recorded exit: still running, killed, or run elsewhere) or "missing"."""
     if sweep.finished(workdir):
         return "ok"
-    log = os.path.join(workdir, LOG_FILE)
-    if os.path.exists(log):
-        with open(log, errors="replace") as f:
-            if "NonFiniteLossError" in f.read():
-                return "diverged"
+    if RunDir(workdir).diverged():
+        return "diverged"
     if sweep.failed(workdir):
         return "failed"
     if RunDir(workdir).metrics_path.exists():
@@ -177,9 +174,9 @@ def run_all(runs: Sequence[Run], retry_failed: bool = False) -> None:
     """Runs every run that is not finished (and, unless `retry_failed`, did not
     already diverge or fail) with `sweep.run_one`, carrying on past failures."""
     for i, run in enumerate(runs, 1):
-        failed_marker = os.path.join(run.workdir, "failed")
-        if retry_failed and os.path.exists(failed_marker):
-            os.remove(failed_marker)
+        failed_marker = RunDir(run.workdir).failed_path
+        if retry_failed and failed_marker.exists():
+            failed_marker.unlink()
         print(f"[{i}/{len(runs)}] {run.name}", flush=True)
         if sweep.run_one(list(run.cmd), run.workdir, keep_going=True, log_name=LOG_FILE) != "ok":
             print(f"[{i}/{len(runs)}] {run.name}: {status(run.workdir)}", flush=True)

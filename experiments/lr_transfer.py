@@ -146,7 +146,7 @@ def run_sweep(args: argparse.Namespace, todo: list[dict[str, str]], extra: Seque
     before = sum(map(sweep.finished, dirs))
     start = time.perf_counter()
     sweep.run_points(config_of(args), todo, args.workdir, [*common_overrides(args), *extra],
-                     print_only=args.print, keep_going=True, log_name="train.log",
+                     print_only=args.print, keep_going=True, log_name=RunDir.LOG,
                      in_process=not args.subprocess)
     wall_s = time.perf_counter() - start
     trained = sum(map(sweep.finished, dirs)) - before
@@ -175,7 +175,7 @@ def load_run(workdir: str, tail: float) -> dict:
     steps = run_dir.read_config().train.steps if run_dir.has_config() else None
     status = ("failed" if sweep.failed(workdir) else
               "done" if sweep.finished(workdir) else "unfinished")
-    if status == "failed" and _diverged(workdir):
+    if status == "failed" and run_dir.diverged():
         status = "diverged"
     row: dict = {"status": status, "train_loss": None, "eval_loss": None,
                  "step_s": None, "run_s": None}
@@ -186,14 +186,6 @@ def load_run(workdir: str, tail: float) -> dict:
         row["step_s"] = sorted(step_s)[len(step_s) // 2] if step_s else None  # median
         row["run_s"] = run_dir.metrics_path.stat().mtime - run_dir.config_path.stat().mtime
     return row
-
-
-def _diverged(workdir: str) -> bool:
-    log = os.path.join(workdir, "train.log")
-    if not os.path.exists(log):
-        return False
-    with open(log, errors="replace") as f:
-        return "NonFiniteLossError" in f.read()
 
 
 def point_dir(args: argparse.Namespace, point: dict[str, str]) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import math
 import os
 import shlex
@@ -35,7 +34,7 @@ import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 
-from unit_scaling.train.rundir import RunDir
+from unit_scaling.train.rundir import RunDir, read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +88,7 @@ def command(config: str, point: dict[str, str], workdir: str, extra: Sequence[st
 
 def failed(workdir: str) -> bool:
     """Whether the run in `workdir` failed under `keep_going` (e.g. diverged)."""
-    return os.path.exists(os.path.join(workdir, "failed"))
+    return RunDir(workdir).failed()
 
 
 def finished(workdir: str) -> bool:
@@ -160,9 +159,7 @@ def run_one(cmd: list[str], workdir: str, keep_going: bool = False,
     if returncode and not keep_going:
         raise subprocess.CalledProcessError(returncode, cmd)
     if returncode:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "failed"), "w") as f:
-            f.write(f"exit status {returncode}\n")
+        RunDir(workdir).mark_failed(returncode)
         print(f"failed (exit status {returncode}): {workdir}", flush=True)
         return "failed"
     return "ok"
@@ -250,11 +247,7 @@ def read_metrics(workdir: str, name: str | None = None) -> list[dict]:
     file `workdir/name`; [] if absent."""
     if name is None:
         return RunDir(workdir).read_metrics()
-    path = os.path.join(workdir, name)
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(os.path.join(workdir, name))
 
 
 def tail_mean(metrics: Sequence[dict], key: str, first_step: int) -> float | None:

@@ -89,7 +89,7 @@ def tiny(objective="mlm_nsp", param="umup", steps=20, **train):
 
 
 def run(config, workdir):
-    loop.run(config, str(workdir), tasks.make_task)
+    loop.run(config, str(workdir))
     return metrics.read_metrics(str(workdir))
 
 
@@ -161,16 +161,16 @@ def toy_loop_config(**train):
     c.train = train_config(steps=10, warmup_steps=2, global_batch_size=16, log_every=1,
                            eval_every=0, eval_batches=1, checkpoint_every=5,
                            keep_checkpoints=3, rms_every=5, profile_start=0,
-                           profile_steps=0)
+                           profile_steps=0,
+                           weight_decay=0.0)  # decoupled decay's mask needs u-μP roles
     c.train.update(train)
     return c
 
 
 def make_task_factory(batches):
     def make_task(cfg):
-        return loop.Task(
-            model=Toy(), train_batches=batches, eval_batches=None,
-            get_data_state=batches.get_state, set_data_state=batches.set_state,
-            optimizer_parts=lambda params: {}, flops_per_step=1e6, tokens_per_batch=16,
+        return tasks.Task(
+            model=Toy(), train_batches=batches, eval_batches=None, flops_per_step=1e6,
+            tokens_per_batch=16,
         )
     return make_task

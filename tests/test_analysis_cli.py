@@ -147,7 +147,7 @@ def test_presets_build_abstractly(config, sizes):
     presets at their width, one layer deep (the layers are identical; full depth takes
     ~5-10 s per preset)."""
     module = importlib.import_module(config.removesuffix(".py").replace("/", "."))
-    assert set(sizes) <= set(module.PRESETS)
+    assert set(sizes) <= set(module.SIZES)
     for size in sizes:
         result = cli.main(small(f"{config}:{size},param=umup", ONE_LAYER, "--batch_size", "1",
                                 "--dry_run"))

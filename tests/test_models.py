@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from configs.common import load_config
 from unit_scaling import functional as U
 from unit_scaling.models import bert, causal_lm
 from unit_scaling.nn.partitioning import DEFAULT_RULES
@@ -321,24 +322,27 @@ def test_bert_without_biases_has_none_heads_included(tie):
     paths = list(_flat(shapes["params"]))
     assert paths and not [p for p in paths if "bias" in p]
 
-# Without the attention key bias (layers x d_model fewer than google-research/bert).
+# The parameter counts the config files document for their sizes, at the models'
+# default vocabularies (BERT 30522, max_len 512, tied readout, no attention key bias:
+# layers x d_model fewer than google-research/bert; causal LM 50304, untied readout,
+# no biases, embedding and readout included).
 BERT_COUNTS = dict(tiny=4_433_212, mini=11_266_876, small=29_056_828, medium=41_664_316,
                    base=110_097_212, large=336_201_532)
 LM_COUNTS = {"tiny": 13_304_448, "125m": 162_220_800, "350m": 411_354_112,
              "760m": 834_086_400, "1.3b": 1_439_270_912}
+SHAPE = ("num_layers", "d_model", "num_heads", "mlp_dim")
 
 
-def test_presets_instantiate_with_documented_counts():
+def test_sizes_have_the_documented_parameter_counts():
     bb = {k: v[:1, :8] if v.ndim == 2 else v[:1] for k, v in bert_batch(all_positions=False).items()}
     lb = {k: v[:1, :8] for k, v in lm_batch().items()}
-    assert set(BERT_COUNTS) == set(bert.PRESETS) and set(LM_COUNTS) == set(causal_lm.PRESETS)
-    for name, kw in bert.PRESETS.items():
+    for name, count in BERT_COUNTS.items():
+        shape = {k: load_config(f"configs/bert.py:{name},param=sp").model[k] for k in SHAPE}
         # scan_layers: trace one layer (same parameter count, faster).
-        n = _count(bert.BertForPreTraining(bert.BertConfig(scan_layers=True, **kw)), bb)
-        assert n == BERT_COUNTS[name], name
-    for name, kw in causal_lm.PRESETS.items():
-        n = _count(causal_lm.CausalLM(causal_lm.CausalLMConfig(scan_layers=True, **kw)), lb)
-        assert n == LM_COUNTS[name], name
+        assert _count(bert.BertForPreTraining(bert.BertConfig(scan_layers=True, **shape)), bb) == count, name
+    for name, count in LM_COUNTS.items():
+        shape = {k: load_config(f"configs/causal_lm.py:{name}").model[k] for k in SHAPE}
+        assert _count(causal_lm.CausalLM(causal_lm.CausalLMConfig(scan_layers=True, **shape)), lb) == count, name
     assert abs(BERT_COUNTS["base"] - 110e6) < 2e6 and abs(BERT_COUNTS["large"] - 340e6) < 6e6
 
 
@@ -405,13 +409,3 @@ def test_missing_batch_field():
     del batch["weights"]
     with pytest.raises(ValueError, match="weights"):
         model.init(jax.random.key(0), batch, deterministic=True)
-
-
-def test_config_from_preset():
-    cfg = bert.config("base", param="umup", precision="fp8")
-    assert (cfg.num_layers, cfg.d_model, cfg.param, cfg.dtype) == (12, 768, "umup", jnp.bfloat16)
-    assert causal_lm.config("1.3b").d_model == 2048
-    with pytest.raises(ValueError, match="preset"):
-        bert.config("huge")
-    with pytest.raises(ValueError, match="num_layer"):
-        causal_lm.config("tiny", num_layer=3)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import run, tiny
-from unit_scaling.train import checkpoint, loop, mesh as mesh_lib, optimizer, tasks
+from unit_scaling.train import checkpoint, loop, tasks, trainer as trainer_lib
 
 
 @pytest.mark.parametrize("objective", ["mlm_nsp", "causal_lm"])
@@ -59,25 +59,17 @@ def test_checkpoint_from_8_devices_restores_on_4_and_1(tmp_path):
     config = tiny(steps=2, checkpoint_every=2)
     config.mesh.update(data=2, fsdp=2, tensor=2)
     run(config, tmp_path)
-    task = tasks.make_task(config)
-    local = next(task.train_batches)
-    rules = tuple(tuple(r) for r in config.mesh.rules)
-    loss_scale = optimizer.make_loss_scale(config.train)
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
     for devices in (4, 1):
-        mesh = mesh_lib.make_mesh({"fsdp": -1}, devices=jax.devices()[:devices])
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            example = loop.global_batch(local, mesh_lib.batch_sharding(mesh))
-            _, init, shardings = loop.plan_state(task, config.train, loss_scale, mesh, rules,
-                                                 example, config.seed)
-            abstract = jax.eval_shape(init, example)
+        trainer = trainer_lib.build(config, devices=jax.devices()[:devices])
+        trainer.close()
         ckpt = checkpoint.Checkpointer(os.path.join(tmp_path, "checkpoints"),
                                        json.loads(config.to_json_best_effort()), every=0, keep=2)
-        state, data_state, step = ckpt.restore(checkpoint.abstract_like(abstract, shardings))
+        state, data_state, step = ckpt.restore(trainer.abstract_state())
         ckpt.close()
         assert step == 2 and data_state
         for path, leaf in jax.tree_util.tree_leaves_with_path(state):
             assert leaf.sharding.mesh.devices.size == devices, jax.tree_util.keystr(path)
-    task.close()
 
 
 def test_finetune_from_pretraining_run(tmp_path):

@@ -1,7 +1,6 @@
 """The train state and step on a toy model: loss falls, loss scaling, non-finite
 handling; and sharded equals single-device, for the toy model and tiny BERT."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tests.helpers import Toy, tiny, train_config
-from unit_scaling.train import loop, mesh as mesh_lib, optimizer, step as step_lib, tasks
+from unit_scaling.train import mesh as mesh_lib, optimizer, step as step_lib, trainer as trainer_lib
 
 
 def batch(n=16, scale=1.0):
@@ -53,7 +52,7 @@ def test_sharded_step_matches_one_device():
 
     - the toy model (one Adam step), its state replicated and the batch split over
       data x fsdp = 4 x 2: data parallelism alone, equal to float32 rounding;
-    - tiny BERT (two steps), the loop's state shardings (`loop.plan_state`) over data x
+    - tiny BERT (two steps), the trainer's state shardings (`trainer.build`) over data x
       fsdp x tensor = 2x2x2. SGD, not Adam: the key bias has a gradient that is exactly
       zero in theory (softmax ignores a constant shift), and Adam would turn its float
       noise, which differs between layouts, into full-size updates."""
@@ -70,27 +69,20 @@ def test_sharded_step_matches_one_device():
     for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(ref_state.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
-    # Tiny BERT, 2x2x2 (data x fsdp x tensor), the loop's shardings.
+    # Tiny BERT, 2x2x2 (data x fsdp x tensor), the trainer's shardings.
     config = tiny(steps=2, optimizer="sgd", lr=0.1)
-    task = tasks.make_task(config)
-    local = [next(task.train_batches) for _ in range(2)]
-    task.close()
-    rules = tuple(tuple(r) for r in config.mesh.rules)
-    loss_scale = optimizer.make_loss_scale(config.train)
-    schedule = optimizer.learning_rate_schedule(config.train)
     results = {}
     for name, sizes, devices in (("one", {"data": 1}, jax.devices()[:1]),
                                  ("2x2x2", {"data": 2, "fsdp": 2, "tensor": 2}, None)):
-        mesh = mesh_lib.make_mesh(sizes, devices=devices)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            batches = [loop.global_batch(b, mesh_lib.batch_sharding(mesh)) for b in local]
-            tx, init, shardings = loop.plan_state(task, config.train, loss_scale, mesh, rules,
-                                                  batches[0], config.seed)
-            state = jax.jit(init, out_shardings=shardings)(batches[0])
-            step = jax.jit(step_lib.make_train_step(task.model, tx, schedule),
-                           out_shardings=(shardings, None))
-            for b in batches:
-                state, m = step(state, b)
+        config.mesh.update(data=1, fsdp=1, tensor=1)
+        config.mesh.update(sizes)
+        trainer = trainer_lib.build(config, devices=devices)
+        local = [trainer.first, next(trainer.task.train_batches)]
+        trainer.close()
+        with trainer.context():
+            state = trainer.init(trainer.global_batch(local[0]))
+            for b in local:
+                state, m = trainer.train_step(state, trainer.global_batch(b))
             results[name] = (float(m["train/loss"]), jax.device_get(state.params))
     assert results["2x2x2"][0] == pytest.approx(results["one"][0], rel=1e-5)
     for a, b in zip(jax.tree.leaves(results["2x2x2"][1]), jax.tree.leaves(results["one"][1])):

@@ -37,7 +37,7 @@ norms on the stream (not the MLM head's): `Parametrization.post_norm_taus` and
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from unit_scaling import batches
 from unit_scaling import nn as unn
-from unit_scaling.models.config import TransformerConfig, make_config
+from unit_scaling.models.config import TransformerConfig
 from unit_scaling.nn.partitioning import constrain, make_param
 from unit_scaling.nn.positions import sinusoidal
 from unit_scaling.scale import scale_bwd
@@ -63,27 +63,6 @@ class BertConfig(TransformerConfig):
     max_len: int = 512
     type_vocab_size: int = 2
     norm_epsilon: float = 1e-12
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # BERT paper / google-research/bert shapes (heads = d_model/64, mlp = 4 d_model).
-    "tiny": dict(num_layers=2, d_model=128, num_heads=2, mlp_dim=512),
-    "mini": dict(num_layers=4, d_model=256, num_heads=4, mlp_dim=1024),
-    "small": dict(num_layers=4, d_model=512, num_heads=8, mlp_dim=2048),
-    "medium": dict(num_layers=8, d_model=512, num_heads=8, mlp_dim=2048),
-    "base": dict(num_layers=12, d_model=768, num_heads=12, mlp_dim=3072),
-    "large": dict(num_layers=24, d_model=1024, num_heads=16, mlp_dim=4096),
-}
-"""Parameter counts with the defaults (vocab 30522, max_len 512, tied readout, no
-attention key bias): tiny 4,433,212; mini 11,266,876; small 29,056,828; medium
-41,664,316; base 110,097,212; large 336,201,532 (tested in tests/test_models.py)."""
-
-
-
-def config(preset: str, **overrides: Any) -> BertConfig:
-    """`BertConfig` of a preset in `PRESETS` with field overrides, e.g.
-    `config("base", param="umup", precision="fp8")`."""
-    return make_config(BertConfig, PRESETS, preset, **overrides)
 
 
 class BertEncoder(nn.Module):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from unit_scaling import batches
 from unit_scaling import nn as unn
-from unit_scaling.models.config import TransformerConfig, make_config
+from unit_scaling.models.config import TransformerConfig
 from unit_scaling.models.sampling import sample_logits
 from unit_scaling.nn.partitioning import constrain
 from unit_scaling.nn.positions import sinusoidal
@@ -51,27 +51,6 @@ class CausalLMConfig(TransformerConfig):
     tie_embeddings: bool = False
     dropout: float = 0.0
     attention_dropout: float = 0.0
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(num_layers=2, d_model=128, num_heads=4, mlp_dim=384, max_len=256),
-    # GPT-3 paper shapes (layers x d_model, heads); SwiGLU hidden ~ 8/3 d_model rounded
-    # up to a multiple of 256, so the MLP has about the parameters of a 4 d GELU MLP.
-    "125m": dict(num_layers=12, d_model=768, num_heads=12, mlp_dim=2048),
-    "350m": dict(num_layers=24, d_model=1024, num_heads=16, mlp_dim=2816),
-    "760m": dict(num_layers=24, d_model=1536, num_heads=16, mlp_dim=4096),
-    "1.3b": dict(num_layers=24, d_model=2048, num_heads=16, mlp_dim=5632),
-}
-"""Parameter counts with the defaults (vocab 50304, untied readout, no biases; the
-embedding and readout, 2*V*D, included): tiny 13,304,448; 125m 162,220,800;
-350m 411,354,112; 760m 834,086,400; 1.3b 1,439,270,912 (tested)."""
-
-
-
-def config(preset: str, **overrides: Any) -> CausalLMConfig:
-    """`CausalLMConfig` of a preset in `PRESETS` with field overrides, e.g.
-    `config("base", param="umup", precision="fp8")`."""
-    return make_config(CausalLMConfig, PRESETS, preset, **overrides)
 
 
 class CausalLM(nn.Module):

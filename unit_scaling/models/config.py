@@ -155,17 +155,3 @@ class TransformerConfig:
             attention_formats=self.formats if self.fp8_attention else None,
             decode=decode, formats=self.formats, name=name, **self.module_kwargs(),
         )
-
-
-def make_config(cls: type, presets: dict[str, dict[str, Any]], preset: str, **overrides: Any):
-    """`cls(**presets[preset], **overrides)`, with ValueErrors naming an unknown preset
-    or field (e.g. from a config file's override)."""
-    if preset not in presets:
-        raise ValueError(f"preset={preset!r} is unknown; use one of {sorted(presets)}")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(
-            f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(fields)}"
-        )
-    return cls(**{**presets[preset], **overrides})

@@ -18,6 +18,8 @@ directory and renames it only when complete). A step that cannot be restored rai
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -222,6 +224,54 @@ class Checkpointer:
         except Exception as e:
             raise self.restore_error(step, e) from e
         return restored["state"], restored["data"], step
+
+    def resume_step(self) -> Optional[int]:
+        """The step to resume from (None: a new run): `train.restore_step`, else the
+        latest. Checks first that this run's config may resume it: the model must match;
+        the data-iterator fields must match; trajectory fields must match unless
+        `train.allow_resume_changes` (then the changes are printed)."""
+        steps = self.finished_steps()
+        train = self.config.get("train", {})
+        wanted = train.get("restore_step", 0)
+        if wanted and wanted not in steps:
+            raise ConfigError(f"config.train.restore_step={wanted}: no checkpoint at that step in "
+                              f"{self.directory} (steps there: {steps or 'none'})")
+        if not steps:
+            return None
+        step = wanted or steps[-1]
+        stored = self.stored_config(step)
+        self.check_model(stored, step)
+        frozen = config_differences(stored, self.config, DATA_STATE_FIELDS, skip_missing=True)
+        if frozen:
+            raise ConfigError(
+                f"cannot resume {self.directory} step {step} with {'; '.join(frozen)}: the saved "
+                "data-iterator state needs the same setting. Set it back (the checkpoint's value "
+                "is on the left), or use another --workdir.")
+        changes = config_differences(stored, self.config, TRAJECTORY_FIELDS, skip_missing=True)
+        if changes and not train.get("allow_resume_changes", False):
+            raise ConfigError(
+                f"resuming {self.directory} at step {step} with a different training config: "
+                f"{'; '.join(changes)} (checkpoint -> now). Restore these, use another --workdir, "
+                "or pass --config.train.allow_resume_changes=true to resume with them anyway.")
+        for change in changes if jax.process_index() == 0 else ():
+            print(f"resuming with a changed config: {change}", file=sys.stderr)
+        return step
+
+    def set_aside_after(self, step: int) -> None:
+        """After restoring an earlier step (`train.restore_step`), moves the later steps
+        out of the way (to `skipped_checkpoints/`), so the resumed run can save them anew."""
+        later = [s for s in self.finished_steps() if s > step]
+        if not later:
+            return
+        if jax.process_index() == 0:
+            for s in later:
+                logging.warning("restored step %d: moved checkpoint step %d to %s", step, s,
+                                self.run_dir.set_aside(s))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("set_aside_later_steps")
+        self.manager.reload()
 
     def wait(self) -> None:
         try:

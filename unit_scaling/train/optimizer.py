@@ -1,6 +1,7 @@
-"""The optimizer from `config.train`: optax AdamW / LAMB / SGD, warmup then linear or
+"""The optimizer from the config: optax AdamW / LAMB / SGD, warmup then linear or
 cosine decay, global-norm clipping, gradient accumulation, and loss scaling for the
-standard-parametrization baselines in FP16/FP8.
+standard-parametrization baselines in FP16/FP8. `from_config(config, abstract_params)`
+is the one place that builds the trainer's optimizer.
 
 The chain is `clip -> scale_by_{adam|lamb|sgd} -> per-tensor lr factors -> decoupled
 decay -> [trust ratio] -> learning rate -> independent decay`: the u-μP per-tensor rule
@@ -16,7 +17,9 @@ import jax
 import jmp
 import optax
 
+from unit_scaling import optim
 from unit_scaling.errors import ConfigError
+from unit_scaling.parametrization import param_meta
 
 OPTIMIZERS = ("adamw", "lamb", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -48,6 +51,29 @@ def learning_rate_schedule(train: Any) -> optax.Schedule:
         return decay
     warmup = optax.linear_schedule(0.0, train.lr, train.warmup_steps)
     return optax.join_schedules([warmup, decay], [train.warmup_steps])
+
+
+def from_config(config: Any, abstract_params: Any) -> optax.GradientTransformation:
+    """The trainer's optimizer for `config` (`train`, `param`) and the model's abstract
+    boxed params (`jax.eval_shape` of its init): u-μP's per-tensor lr factors and
+    independent weight decay; decoupled decay of weights, embeddings and readouts
+    (not biases and norm gains) otherwise."""
+    train = config.train
+    per_tensor_lr = optim.scale_by_parametrization(
+        abstract_params, config.param, "sgd" if train.optimizer == "sgd" else "adam")
+    weight_decay = None
+    if config.param == "umup" and train.weight_decay > 0:
+        weight_decay = optim.add_independent_weight_decay(
+            abstract_params, train.weight_decay, train.lr, learning_rate_schedule(train))
+    return make_optimizer(train, per_tensor_lr, weight_decay,
+                          decay_mask=lambda params: _decay_mask(abstract_params))
+
+
+def _decay_mask(abstract_params: Any) -> Any:
+    """True for weights, embeddings and readouts; False for biases and norm gains."""
+    param_meta(abstract_params)  # raises, naming the path, on a parameter without a role
+    return jax.tree.map(lambda box: box.role in optim.DECAYED_ROLES, abstract_params,
+                        is_leaf=lambda x: hasattr(x, "role"))
 
 
 def make_optimizer(
@@ -118,7 +144,7 @@ def make_loss_scale(train: Any) -> jmp.LossScale:
 @jax.tree_util.register_pytree_node_class
 class DynamicLossScale(jmp.DynamicLossScale):
     """`jmp.DynamicLossScale` as a pytree that may also hold shardings or partition
-    specs (`loop.state_shardings` maps the train state to them; jmp's float check on
+    specs (`trainer.state_shardings` maps the train state to them; jmp's float check on
     construction rejects those leaves), and that stays this class after `adjust`."""
 
     def __post_init__(self) -> None:

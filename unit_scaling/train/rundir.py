@@ -8,6 +8,8 @@
     WORKDIR/profile/           profiler traces
     WORKDIR/tokenizer.model    the run's sentencepiece model
     WORKDIR/lock               host and pid of the run using the directory
+    WORKDIR/train.log          a sweep's run (experiments/sweep.py): its console output
+    WORKDIR/failed             a sweep's run that exited non-zero: its exit status
 
 Every path goes through `etils.epath` (which orbax uses too), so a workdir may be a
 local path or a URL such as `gs://bucket/run` (or `file:///path`); local paths are
@@ -46,6 +48,8 @@ class RunDir:
     PROFILE = "profile"
     TOKENIZER = "tokenizer.model"
     LOCK = "lock"
+    LOG = "train.log"
+    FAILED = "failed"
 
     def __init__(self, path: "str | os.PathLike | RunDir"):
         if isinstance(path, RunDir):
@@ -94,6 +98,14 @@ class RunDir:
     @property
     def lock_path(self) -> epath.Path:
         return self.path / self.LOCK
+
+    @property
+    def log_path(self) -> epath.Path:
+        return self.path / self.LOG
+
+    @property
+    def failed_path(self) -> epath.Path:
+        return self.path / self.FAILED
 
     # -------------------------------------------------------------- start-up checks
     def check_usable(self) -> None:
@@ -144,9 +156,7 @@ class RunDir:
     # ------------------------------------------------------------------ metrics
     def read_metrics(self) -> list[dict]:
         """The rows of `metrics.jsonl` ([] if there is none)."""
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.metrics_path)
 
     def append_metrics(self, row: dict) -> None:
         with self.metrics_path.open("a") as f:
@@ -160,6 +170,21 @@ class RunDir:
         if len(kept) < len(rows):
             self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return len(rows) - len(kept)
+
+    # --------------------------------------------------------- a sweep's run
+    def failed(self) -> bool:
+        """Whether a sweep marked the run failed (it exited non-zero)."""
+        return self.failed_path.exists()
+
+    def mark_failed(self, returncode: int) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.failed_path.write_text(f"exit status {returncode}\n")
+
+    def diverged(self) -> bool:
+        """Whether the run's log shows it stopped on a non-finite loss."""
+        if not self.log_path.exists():
+            return False
+        return "NonFiniteLossError" in self.log_path.read_bytes().decode(errors="replace")
 
     # -------------------------------------------------------------- checkpoints
     def checkpoint_steps(self) -> list[int]:
@@ -277,6 +302,14 @@ def with_tokenizer(config: ml_collections.ConfigDict, path: Any) -> ml_collectio
     with config.unlocked():
         config.data.tokenizer_path = os.fspath(path)
     return config
+
+
+def read_jsonl(path: "str | os.PathLike") -> list[dict]:
+    """The JSON objects of a JSON-lines file, one a line ([] if there is no file)."""
+    path = epath.Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def step_dirs(directory: epath.Path) -> list[int]:

@@ -1,4 +1,4 @@
-"""From a config to what the loop trains: model, data, optimizer parts, FLOPs.
+"""From a config to what the loop trains: the model and its data (`Task`).
 
 `config.data.objective` picks the task: "mlm_nsp" (`BertForPreTraining`),
 "causal_lm" (`CausalLM`) or "classification" (`BertForSequenceClassification` on a
@@ -8,9 +8,11 @@ Everything that can be wrong with the config is checked here, before compilation
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -18,15 +20,47 @@ from unit_scaling.errors import ConfigError
 from unit_scaling import data as data_lib
 from unit_scaling.data import finetune
 from unit_scaling.data.tokenizer import Tokenizer
-from unit_scaling import optim
 from unit_scaling.models import bert, causal_lm
-from unit_scaling.parametrization import PARAMETRIZATIONS, PRECISIONS, param_meta
+from unit_scaling.parametrization import PARAMETRIZATIONS, PRECISIONS
 from unit_scaling.train import metrics as metrics_lib
-from unit_scaling.train import optimizer as optimizer_lib
-from unit_scaling.train.loop import Task
 from unit_scaling.train.rundir import RunDir, with_tokenizer
 
 OBJECTIVES = ("mlm_nsp", "causal_lm", "classification")
+
+
+@dataclasses.dataclass
+class Task:
+    """A model and its data: what the loop trains (the optimizer comes from the config,
+    `optimizer.from_config`).
+
+    model: Flax module, `apply(vars, batch, deterministic, rngs) -> (loss, metrics)`.
+    train_batches: per-process iterator of numpy batch dicts, with grain-style
+      `get_state()` / `set_state(state)` (checkpointed with the train state).
+    eval_batches: a factory of fresh eval iterators (one per evaluation), or None.
+    flops_per_step: model FLOPs of one optimizer step, or None.
+    tokens_per_batch: tokens in one global batch (for tokens/s).
+    fp8: the matmuls run in real FP8 (for the peak FLOP/s of MFU).
+    init_params: params -> params, applied to a new run (not a resumed one), e.g. to
+      load a pretrained encoder.
+    tokenizer: the data's tokenizer (with `model_proto`), kept in the workdir.
+    eval_constants: logged with every evaluation (e.g. a majority-class baseline).
+    """
+
+    model: nn.Module
+    train_batches: Iterator[dict]
+    eval_batches: Optional[Callable[[], Iterator[dict]]]
+    flops_per_step: Optional[float]
+    tokens_per_batch: int
+    fp8: bool = False
+    init_params: Optional[Callable[[Any], Any]] = None
+    tokenizer: Any = None
+    eval_constants: dict = dataclasses.field(default_factory=dict)
+
+    def close(self) -> None:
+        """Releases the train iterator (its worker processes and prefetch thread)."""
+        close = getattr(self.train_batches, "close", None)
+        if close is not None:
+            close()
 
 
 def validate(config) -> None:
@@ -58,30 +92,6 @@ def model_config(config, vocab_size: int):
         return cls(**fields)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model: {e}") from e
-
-
-def optimizer_parts(config, abstract_params) -> dict:
-    """u-μP per-tensor lr factors and independent decay; decoupled decay's mask."""
-    train = config.train
-    parts = dict(
-        per_tensor_lr=optim.scale_by_parametrization(
-            abstract_params, config.param, "sgd" if train.optimizer == "sgd" else "adam"
-        ),
-        decay_mask=lambda params: _decay_mask(abstract_params),
-    )
-    if config.param == "umup" and train.weight_decay > 0:
-        parts["weight_decay"] = optim.add_independent_weight_decay(
-            abstract_params, train.weight_decay, train.lr,
-            optimizer_lib.learning_rate_schedule(train),
-        )
-    return parts
-
-
-def _decay_mask(abstract_params):
-    """True for weights, embeddings and readouts; False for biases and norm gains."""
-    param_meta(abstract_params)  # raises, naming the path, on a parameter without a role
-    return jax.tree.map(lambda box: box.role in optim.DECAYED_ROLES, abstract_params,
-                        is_leaf=lambda x: hasattr(x, "role"))
 
 
 def make_task(config, pipeline: Optional[Callable] = None) -> Task:
@@ -117,14 +127,10 @@ def make_task(config, pipeline: Optional[Callable] = None) -> Task:
         model=model,
         train_batches=train_iter,
         eval_batches=lambda: pipeline(config, "eval")[0],
-        get_data_state=train_iter.get_state,
-        set_data_state=train_iter.set_state,
-        optimizer_parts=lambda params: optimizer_parts(config, params),
         flops_per_step=flops,
         tokens_per_batch=config.train.global_batch_size * info.seq_len,
         fp8=config.precision == "fp8" and model_cfg.real_fp8,
         tokenizer=info.tokenizer,
-        close=lambda: _close(train_iter),
     )
 
 
@@ -145,15 +151,11 @@ def _classification_task(config) -> Task:
         model=model,
         train_batches=train_iter,
         eval_batches=lambda: data_lib.make_finetune_pipeline(config, config.data.task, "eval")[0],
-        get_data_state=train_iter.get_state,
-        set_data_state=train_iter.set_state,
-        optimizer_parts=lambda params: optimizer_parts(config, params),
         flops_per_step=None,
         tokens_per_batch=config.train.global_batch_size * info.seq_len,
         init_params=(lambda params: load_encoder(config.init_from, params))
         if config.get("init_from") else None,
         tokenizer=info.tokenizer,
-        close=lambda: _close(train_iter),
         eval_constants={"eval/majority_baseline": baseline},
     )
 
@@ -214,10 +216,3 @@ def load_encoder(run_dir: str, params: dict) -> dict:
         new[name] = jax.tree.map(lambda p, v: np.asarray(v, p.dtype), params[name], pretrained[name])
     logging.info("initialised the encoder from %s step %d", run_dir, step)
     return new
-
-
-def _close(iterator: Any) -> None:
-    close = getattr(iterator, "close", None)
-    if close is not None:
-        close()
-

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from unit_scaling import functional as U
 from unit_scaling.models import bert, causal_lm
 from unit_scaling.nn.partitioning import DEFAULT_RULES
-from unit_scaling.parametrization import param_meta
+from unit_scaling.params import param_meta
 
 V, B, L = 256, 8, 32
 D, MLP_BERT, MLP_LM = 64, 256, 128
@@ -218,7 +218,7 @@ def _attention_rms(kind, param, path, inter):
     weights = jnp.broadcast_to(mask[:, 0], (B, L, L)).astype(jnp.float32)
     shared = jnp.einsum("bqk,bkd->bqd", weights / weights.sum(-1, keepdims=True), x)
     p, head_dim = model.config.parametrization, D // 4
-    s = U.attention_output_scale(L, head_dim, p.attention_mult(head_dim), kind == "lm")
+    s = U.attention_output_scale(L, head_dim, p.ops.attention_mult(head_dim), kind == "lm")
     c2, x2 = _rms(shared) ** 2, _rms(x) ** 2
     return math.sqrt(s**2 * c2 + x2 - c2)
 
@@ -409,7 +409,7 @@ def test_missing_batch_field():
 
 def test_config_from_preset():
     cfg = bert.config("base", param="umup", precision="fp8")
-    assert (cfg.num_layers, cfg.d_model, cfg.param, cfg.dtype) == (12, 768, "umup", jnp.bfloat16)
+    assert (cfg.num_layers, cfg.d_model, cfg.param, cfg.numerics.dtype) == (12, 768, "umup", jnp.bfloat16)
     assert causal_lm.config("1.3b").d_model == 2048
     with pytest.raises(ValueError, match="preset"):
         bert.config("huge")

@@ -1,25 +1,17 @@
 """`TransformerConfig`: the fields BERT and the causal LM share, validated on
-construction, and what they resolve to (parametrization, dtypes, formats, stack)."""
+construction, and what they resolve to (parametrization, precision, stack)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Optional
 
-import jax.numpy as jnp
-
 from unit_scaling import nn as unn
 from unit_scaling.nn.mlp import ACTIVATIONS
 from unit_scaling.nn.positions import POSITION_KINDS
 from unit_scaling.nn.transformer import NORM_POSITIONS, REMAT_POLICIES
-from unit_scaling.parametrization import (
-    PARAMETRIZATIONS,
-    Parametrization,
-    make_parametrization,
-    resolve_precision,
-)
-
-PARAM_DTYPES = ("float32", "bfloat16")
+from unit_scaling.parametrization import PARAMETRIZATIONS, Parametrization, make_parametrization
+from unit_scaling.precision import Precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +78,7 @@ class TransformerConfig:
         if self.position == "rope" and (self.d_model // self.num_heads) % 2:
             raise ValueError("position='rope' needs an even head dim d_model/num_heads")
         choices = {
-            "param": PARAMETRIZATIONS, "param_dtype": PARAM_DTYPES,
-            "activation": ACTIVATIONS, "norm": ("layer_norm", "rms_norm"),
+            "param": PARAMETRIZATIONS, "activation": ACTIVATIONS, "norm": ("layer_norm", "rms_norm"),
             "norm_position": NORM_POSITIONS, "position": POSITION_KINDS,
             "remat_policy": tuple(REMAT_POLICIES),
         }
@@ -100,7 +91,7 @@ class TransformerConfig:
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        resolve_precision(self.precision, self.real_fp8)  # raises on unknown names
+        self.numerics  # raises on unknown precision / param_dtype names
         self.parametrization  # raises on bad mults / names
 
     @property
@@ -119,27 +110,22 @@ class TransformerConfig:
                                                  self.mlp_dim, self.activation)
 
     @property
-    def dtype(self) -> Any:
-        """The compute dtype."""
-        return resolve_precision(self.precision, self.real_fp8)[0]
-
-    @property
-    def formats(self):
-        """The linear layers' FormatPolicy (None unless precision='fp8')."""
-        return resolve_precision(self.precision, self.real_fp8)[1]
-
-    @property
-    def jnp_param_dtype(self) -> Any:
-        return jnp.dtype(self.param_dtype)
+    def numerics(self) -> Precision:
+        """The `Precision` of `precision`, `real_fp8`, `high_precision_critical`,
+        `fp8_attention` and `param_dtype`."""
+        return Precision.from_name(
+            self.precision, real_fp8=self.real_fp8,
+            high_precision_critical=self.high_precision_critical,
+            fp8_attention=self.fp8_attention, param_dtype=self.param_dtype,
+        )
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
     def module_kwargs(self) -> dict[str, Any]:
-        """`parametrization`, `dtype`, `param_dtype` for any `unit_scaling.nn` module."""
-        return dict(parametrization=self.parametrization, dtype=self.dtype,
-                    param_dtype=self.jnp_param_dtype)
+        """`parametrization` and `precision` for any `unit_scaling.nn` module."""
+        return dict(parametrization=self.parametrization, precision=self.numerics)
 
     def stack(self, *, causal: bool, decode: bool = False, name: str = "stack"):
         """The `TransformerStack` this config describes."""
@@ -151,9 +137,7 @@ class TransformerConfig:
             use_bias=self.use_bias, causal=causal, rope=self.position == "rope",
             max_len=self.max_len, scale_seq_len_from_max_len=causal,
             dropout_rate=self.dropout, attention_dropout_rate=self.attention_dropout,
-            high_precision_critical=self.high_precision_critical,
-            attention_formats=self.formats if self.fp8_attention else None,
-            decode=decode, formats=self.formats, name=name, **self.module_kwargs(),
+            decode=decode, name=name, **self.module_kwargs(),
         )
 
 

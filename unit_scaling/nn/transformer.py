@@ -11,14 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unit_scaling.formats import FormatPolicy
 from unit_scaling.nn.attention import MultiHeadAttention
 from unit_scaling.nn.dropout import Dropout
-from unit_scaling.nn.linear import DEFAULT_PARAMETRIZATION
 from unit_scaling.nn.mlp import MLP
 from unit_scaling.nn.norm import make_norm
 from unit_scaling.nn.partitioning import constrain
 from unit_scaling.parametrization import Parametrization
+from unit_scaling.precision import Precision
 
 NORM_POSITIONS = ("pre", "post")
 
@@ -63,15 +62,10 @@ class TransformerLayer(nn.Module):
     scale_seq_len_from_max_len: bool = False
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
-    high_precision_critical: bool = False
-    attention_formats: Optional[FormatPolicy] = None
     decode: bool = False
     deterministic: bool = True
-    parametrization: Parametrization = DEFAULT_PARAMETRIZATION
-    formats: Optional[FormatPolicy] = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    depth: Optional[int] = None
+    parametrization: Parametrization = dataclasses.field(kw_only=True)
+    precision: Precision = dataclasses.field(default=Precision(), kw_only=True)
 
     @nn.compact
     def __call__(
@@ -92,8 +86,7 @@ class TransformerLayer(nn.Module):
             tau_attn, tau_mlp = layer_taus(self, self.layer, x.shape)
         else:
             tau_attn, tau_mlp = taus[0], taus[1]
-        common = dict(parametrization=p, dtype=self.dtype, param_dtype=self.param_dtype,
-                      depth=self.depth)
+        common = dict(parametrization=p, precision=self.precision)
         norm_kw = dict(epsilon=self.norm_epsilon, **common,
                        lr_mult=p.norm_lr_mult(self.norm_position, x.shape[-1], self.mlp_dim,
                                               self.activation))
@@ -103,26 +96,23 @@ class TransformerLayer(nn.Module):
             self.num_heads, causal=self.causal, rope=self.rope, max_len=self.max_len,
             scale_seq_len_from_max_len=self.scale_seq_len_from_max_len,
             dropout_rate=self.attention_dropout_rate, use_bias=self.use_bias,
-            decode=self.decode, high_precision_out=self.high_precision_critical,
-            attention_formats=self.attention_formats, formats=self.formats,
-            name="attention", **common)
+            decode=self.decode, name="attention", **common)
         mlp = MLP(self.mlp_dim, activation=self.activation, use_bias=self.use_bias,
-                  high_precision_out=self.high_precision_critical, formats=self.formats,
                   name="mlp", **common)
 
         def attn_fn(h):
             return attn(h, mask=mask, segment_ids=segment_ids, positions=positions,
                         deterministic=self.deterministic)
 
-        x = x.astype(self.dtype)
+        x = x.astype(self.precision.dtype)
         for i, (fn, tau) in enumerate(((attn_fn, tau_attn), (mlp, tau_mlp))):
             norm = make_norm(self.norm, name=f"norm_{i}", **norm_kw)
-            residual, skip = p.residual_split(x, tau)
+            residual, skip = p.ops.residual_split(x, tau)
             if not post:
                 residual = norm(residual)
             y = fn(residual)
             y = Dropout(self.dropout_rate, parametrization=p)(y, self.deterministic)
-            x = p.residual_add(y, skip, tau)
+            x = p.ops.residual_add(y, skip, tau)
             if post:
                 x = norm(x)
             x = constrain(x, ("batch", "length", "embed"))
@@ -130,10 +120,11 @@ class TransformerLayer(nn.Module):
 
 
 # Fields the stack passes through to every layer (`deterministic` is a call argument
-# of the stack; layer index, count and depth are set per layer).
+# of the stack; layer index and count are set per layer, the parametrization's depth
+# by the stack).
 _LAYER_FIELDS = tuple(
     f.name for f in dataclasses.fields(TransformerLayer)
-    if f.name not in ("parent", "name", "layer", "num_layers", "depth", "deterministic")
+    if f.name not in ("parent", "name", "layer", "num_layers", "deterministic")
 )
 
 
@@ -154,9 +145,9 @@ class TransformerStack(nn.Module):
     """`num_layers` `TransformerLayer`s on x `[batch, len, d]`, plus a final norm
     (`final_norm`, for pre-norm models).
 
-    Every field of `TransformerLayer` (except layer/num_layers/depth/deterministic) is
+    Every field of `TransformerLayer` (except layer/num_layers/deterministic) is
     a field here too and is passed through; `deterministic` is a call argument.
-    Parameters inside the stack get `depth=num_layers`.
+    Parameters inside the stack get `depth=num_layers` (`Parametrization.in_stack`).
 
     Layout: unrolled layers are `layer_0 ... layer_{n-1}`; with `scan_layers` one
     `layers` subtree whose leaves have a leading `[num_layers]` axis (logical name
@@ -183,13 +174,9 @@ class TransformerStack(nn.Module):
     scale_seq_len_from_max_len: bool = False
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
-    high_precision_critical: bool = False
-    attention_formats: Optional[FormatPolicy] = None
     decode: bool = False
-    parametrization: Parametrization = DEFAULT_PARAMETRIZATION
-    formats: Optional[FormatPolicy] = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    parametrization: Parametrization = dataclasses.field(kw_only=True)
+    precision: Precision = dataclasses.field(default=Precision(), kw_only=True)
 
     @nn.compact
     def __call__(
@@ -208,6 +195,7 @@ class TransformerStack(nn.Module):
             )
         kw = {f: getattr(self, f) for f in _LAYER_FIELDS}
         kw["deterministic"] = deterministic
+        kw["parametrization"] = self.parametrization.in_stack(self.num_layers)
         layer_cls = TransformerLayer
         if self.remat_policy != "none":
             layer_cls = nn.remat(
@@ -230,11 +218,11 @@ class TransformerStack(nn.Module):
                 x, jnp.asarray(taus), mask, segment_ids, positions)
         else:
             for i in range(n):
-                x = layer_cls(layer=i, num_layers=n, depth=n, name=f"layer_{i}", **kw)(
+                x = layer_cls(layer=i, num_layers=n, name=f"layer_{i}", **kw)(
                     x, None, mask, segment_ids, positions)
         if self.final_norm:
             norm_kw = dict(epsilon=self.norm_epsilon, parametrization=self.parametrization,
-                           dtype=self.dtype, param_dtype=self.param_dtype,
+                           precision=self.precision,
                            lr_mult=self.parametrization.norm_lr_mult(
                                self.norm_position, x.shape[-1], self.mlp_dim, self.activation))
             if self.norm == "layer_norm":
@@ -255,6 +243,6 @@ class _ScanAdapter(nn.Module):
 
     @nn.compact
     def __call__(self, x, taus, mask, segment_ids, positions):
-        layer = self.layer_cls(num_layers=self.num_layers, depth=self.num_layers,
-                               name="layer", **dict(self.layer_kwargs))
+        layer = self.layer_cls(num_layers=self.num_layers, name="layer",
+                               **dict(self.layer_kwargs))
         return layer(x, taus, mask, segment_ids, positions), None

@@ -20,7 +20,9 @@ from unit_scaling.data import finetune
 from unit_scaling.data.tokenizer import Tokenizer
 from unit_scaling import optim
 from unit_scaling.models import bert, causal_lm
-from unit_scaling.parametrization import PARAMETRIZATIONS, PRECISIONS, param_meta
+from unit_scaling.parametrization import PARAMETRIZATIONS
+from unit_scaling.params import param_meta
+from unit_scaling.precision import PRECISIONS
 from unit_scaling.train import metrics as metrics_lib
 from unit_scaling.train import optimizer as optimizer_lib
 from unit_scaling.train.loop import Task

@@ -9,6 +9,7 @@ import pytest
 
 from unit_scaling import formats
 from unit_scaling import nn as unn
+from unit_scaling.models.transformer import TransformerConfig, TransformerLayer, TransformerStack
 from unit_scaling.parametrization import Parametrization
 from unit_scaling.params import ScaledParam
 from unit_scaling.precision import Precision
@@ -44,8 +45,8 @@ def test_linear_param_metadata():
 
 
 def test_scanned_stack_keeps_roles_and_adds_layers_axis():
-    stack = unn.TransformerStack(num_layers=3, num_heads=2, mlp_dim=32, scan_layers=True,
-                                 parametrization=UMUP)
+    stack = TransformerStack(TransformerConfig(d_model=16, num_layers=3, num_heads=2, mlp_dim=32,
+                                               scan_layers=True))
     params = jax.eval_shape(stack.init, jax.random.key(0), jnp.ones((1, 4, 16)))["params"]
     boxes = _boxes(params)
     assert boxes and all(isinstance(b, ScaledParam) for b in boxes)
@@ -135,8 +136,8 @@ def test_sinusoidal_is_unit_scaled():
 
 
 def test_compute_and_param_dtypes():
-    m = unn.TransformerLayer(num_heads=2, mlp_dim=32, norm_position="pre", parametrization=UMUP,
-                             precision=Precision(dtype=jnp.bfloat16, param_dtype=jnp.float32))
+    m = TransformerLayer(TransformerConfig(d_model=16, num_heads=2, mlp_dim=32, precision="bf16",
+                                           param_dtype="float32", norm_position="pre"))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 16)), jnp.float32)
     params = nn.unbox(jit(m.init)(KEY, x)["params"])
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
@@ -178,8 +179,7 @@ def test_unknown_choices_raise():
     with pytest.raises(ValueError, match="norm"):
         unn.make_norm("batch_norm")
     with pytest.raises(ValueError, match="remat_policy"):
-        jax.eval_shape(unn.TransformerStack(1, 2, 8, remat_policy="some",
-                                            parametrization=UMUP).init, KEY, x)
+        TransformerConfig(d_model=16, num_heads=2, remat_policy="some")
 
 
 def test_every_logical_name_has_a_rule():

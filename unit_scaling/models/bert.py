@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from unit_scaling import nn as unn
-from unit_scaling.models.config import TransformerConfig, make_config
+from unit_scaling.models.transformer import TransformerConfig, TransformerStack, make_config
 from unit_scaling.nn.partitioning import constrain
 from unit_scaling.nn.positions import sinusoidal
 from unit_scaling.params import make_param
@@ -92,7 +92,7 @@ class BertEncoder(nn.Module):
 
     def setup(self):
         c = self.config
-        kw = c.module_kwargs()
+        kw = dict(parametrization=c.parametrization, precision=c.numerics)
         self.token_embed = unn.Embedding(c.vocab_size, c.d_model, tied=c.tie_embeddings, **kw)
         self.segment_embed = unn.Embedding(c.type_vocab_size, c.d_model, axes=(None, "embed"),
                                            **kw)
@@ -102,7 +102,7 @@ class BertEncoder(nn.Module):
         self.embed_norm = unn.make_norm(c.norm, epsilon=c.norm_epsilon, use_bias=c.use_bias,
                                         lr_mult=c.norm_lr_mult, **kw)
         self.embed_dropout = unn.Dropout(c.dropout, **kw)
-        self.stack = c.stack(causal=False)
+        self.stack = TransformerStack(c, causal=False)
 
     def __call__(self, input_ids, segment_ids, input_mask, *, deterministic: bool):
         c = self.config
@@ -138,7 +138,8 @@ class _Pooler(nn.Module):
         ops = c.parametrization.ops
         cls = ops.gather_positions(hidden, jnp.zeros((hidden.shape[0], 1), jnp.int32))[:, 0]
         h = unn.Linear(c.d_model, kernel_axes=("embed", None), use_bias=c.use_bias,
-                       name="dense", **c.module_kwargs())(cls)
+                       parametrization=c.parametrization, precision=c.numerics,
+                       name="dense")(cls)
         return ops.tanh(h)
 
 
@@ -175,7 +176,7 @@ class BertForPreTraining(nn.Module):
 
     def setup(self):
         c = self.config
-        kw = c.module_kwargs()
+        kw = dict(parametrization=c.parametrization, precision=c.numerics)
         self.encoder = BertEncoder(c)
         self.pooler = _Pooler(c)
         self.nsp = unn.LinearReadout(2, kernel_axes=("embed", None), use_bias=c.use_bias,
@@ -241,11 +242,12 @@ class BertForSequenceClassification(nn.Module):
         c = self.config
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        kw = dict(parametrization=c.parametrization, precision=c.numerics)
         self.encoder = BertEncoder(c)
         self.pooler = _Pooler(c)
-        self.dropout = unn.Dropout(c.dropout, **c.module_kwargs())
+        self.dropout = unn.Dropout(c.dropout, **kw)
         self.classifier = unn.LinearReadout(self.num_classes, kernel_axes=("embed", None),
-                                            use_bias=c.use_bias, **c.module_kwargs())
+                                            use_bias=c.use_bias, **kw)
 
     def logits(self, batch: dict, *, deterministic: bool) -> jax.Array:
         hidden = self.encoder(batch["input_ids"], batch["segment_ids"], batch["input_mask"],

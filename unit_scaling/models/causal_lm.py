@@ -10,7 +10,7 @@ sees another; with RoPE the `positions` restart at every document.
 
 Param tree: token_embed/embedding [V, D]; position_embed/embedding (position="learned");
 stack/layer_{i}/... (or stack/layers/layer/... with scan_layers; see
-`unit_scaling.nn.TransformerStack`), stack/final_norm/scale; readout/kernel [D, V]
+`unit_scaling.models.transformer.TransformerStack`), stack/final_norm/scale; readout/kernel [D, V]
 (untied, role output) or the tied table.
 
 u-μP attention scale: the stack passes `scale_seq_len = max_len` to the attention, so
@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from unit_scaling import nn as unn
-from unit_scaling.models.config import TransformerConfig, make_config
 from unit_scaling.models.sampling import sample_logits
+from unit_scaling.models.transformer import TransformerConfig, TransformerStack, make_config
 from unit_scaling.nn.partitioning import constrain
 from unit_scaling.nn.positions import sinusoidal
 
@@ -86,13 +86,13 @@ class CausalLM(nn.Module):
 
     def setup(self):
         c = self.config
-        kw = c.module_kwargs()
+        kw = dict(parametrization=c.parametrization, precision=c.numerics)
         self.token_embed = unn.Embedding(c.vocab_size, c.d_model, tied=c.tie_embeddings, **kw)
         if c.position == "learned":
             self.position_embed = unn.Embedding(c.max_len, c.d_model, axes=(None, "embed"),
                                                 **kw)
         self.embed_dropout = unn.Dropout(c.dropout, **kw)
-        self.stack = c.stack(causal=True, decode=self.decode)
+        self.stack = TransformerStack(c, causal=True, decode=self.decode)
         if not c.tie_embeddings:
             self.readout = unn.LinearReadout(c.vocab_size, use_bias=False, **kw)
 

@@ -4,7 +4,8 @@ Every module is a `ScaledModule`: a required keyword `parametrization` (sp, unit
 umup) and a `precision` (`unit_scaling.precision.Precision`: compute and parameter
 dtypes, matmul formats; float32 by default). It creates its parameters as `ScaledParam`
 boxes (logical axis names + u-μP role + depth) and constrains its key activations with
-logical names (see `partitioning.DEFAULT_RULES`).
+logical names (see `partitioning.DEFAULT_RULES`). The transformer layer and stack built
+from them are in `unit_scaling.models.transformer`.
 """
 
 from unit_scaling._extras import require
@@ -20,11 +21,10 @@ from unit_scaling.nn.module import ScaledModule
 from unit_scaling.nn.norm import LayerNorm, RMSNorm, make_norm
 from unit_scaling.nn.partitioning import DEFAULT_RULES, constrain
 from unit_scaling.nn.positions import apply_rope, sinusoidal
-from unit_scaling.nn.transformer import REMAT_POLICIES, TransformerLayer, TransformerStack
 from unit_scaling.params import make_param
 
 __all__ = [
     "DEFAULT_RULES", "Dropout", "Embedding", "LayerNorm", "Linear", "LinearReadout", "MLP",
-    "MultiHeadAttention", "REMAT_POLICIES", "RMSNorm", "ScaledModule", "TransformerLayer",
-    "TransformerStack", "apply_rope", "constrain", "make_norm", "make_param", "sinusoidal",
+    "MultiHeadAttention", "RMSNorm", "ScaledModule", "apply_rope", "constrain", "make_norm",
+    "make_param", "sinusoidal",
 ]

@@ -4,8 +4,8 @@ optimizer.
     python examples/flax_nnx_or_linen.py     # a few seconds on a CPU
 
 Needs the `[flax]` extra. `unit_scaling.nn` modules take a `Parametrization` ("sp",
-"unit" or "umup": the same model code for all three) and create their parameters boxed
-with their u-μP role and depth, so `unit_scaling.optim` builds the per-tensor learning
+"unit" or "umup": the same model code for all three; its `ops` are the scaled ops) and
+create their parameters boxed with their u-μP role and depth, so `unit_scaling.optim` builds the per-tensor learning
 rates from the boxed params alone. (For Flax NNX, or any other framework, write the
 model on `unit_scaling.functional` and give `optim` a spec, as in
 `examples/equinox_transformer.py`.)
@@ -35,17 +35,18 @@ class ResidualMLPClassifier(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        p = self.parametrization
+        p, ops = self.parametrization, self.parametrization.ops
         h = usn.Linear(self.width, use_bias=False, parametrization=p)(x)
+        block = p.in_stack(self.depth)  # the blocks' parameters get depth=self.depth
         for i in range(self.depth):
             # Each block is one residual branch of 2*depth (the rule counts attention
             # and MLP branches; here every block takes the MLP slot).
             _, tau = p.residual_taus(i, self.depth)
-            branch, skip = p.residual_split(h, tau)
-            branch = usn.RMSNorm(parametrization=p, depth=self.depth)(branch)
-            branch = usn.Linear(self.width, use_bias=False, parametrization=p,
-                                kernel_axes=("mlp", "embed"), depth=self.depth)(branch)
-            h = p.residual_add(p.gelu(branch), skip, tau)
+            branch, skip = ops.residual_split(h, tau)
+            branch = usn.RMSNorm(parametrization=block)(branch)
+            branch = usn.Linear(self.width, use_bias=False, parametrization=block,
+                                kernel_axes=("mlp", "embed"))(branch)
+            h = ops.residual_add(ops.gelu(branch), skip, tau)
         h = usn.RMSNorm(parametrization=p)(h)
         return usn.LinearReadout(self.classes, use_bias=False, parametrization=p)(h)
 
@@ -61,7 +62,7 @@ def main(steps: int = 20, seed: int = 0) -> list[float]:
 
     def loss_fn(params):
         logits = model.apply({"params": params}, x)
-        return model.parametrization.cross_entropy(logits, labels)
+        return model.parametrization.ops.cross_entropy(logits, labels)
 
     tx = optax.chain(
         optax.adam(0.1),

@@ -14,7 +14,7 @@ from configs.common import load_config
 from unit_scaling import functional as U
 from unit_scaling.models import bert, causal_lm
 from unit_scaling.nn.partitioning import DEFAULT_RULES
-from unit_scaling.parametrization import param_meta
+from unit_scaling.params import param_meta
 
 V, B, L = 256, 8, 32
 D, MLP_BERT, MLP_LM = 64, 256, 128
@@ -219,7 +219,7 @@ def _attention_rms(kind, param, path, inter):
     weights = jnp.broadcast_to(mask[:, 0], (B, L, L)).astype(jnp.float32)
     shared = jnp.einsum("bqk,bkd->bqd", weights / weights.sum(-1, keepdims=True), x)
     p, head_dim = model.config.parametrization, D // 4
-    s = U.attention_output_scale(L, head_dim, p.attention_mult(head_dim), kind == "lm")
+    s = U.attention_output_scale(L, head_dim, p.ops.attention_mult(head_dim), kind == "lm")
     c2, x2 = _rms(shared) ** 2, _rms(x) ** 2
     return math.sqrt(s**2 * c2 + x2 - c2)
 

@@ -9,7 +9,10 @@ import pytest
 
 from unit_scaling import formats
 from unit_scaling import nn as unn
-from unit_scaling.parametrization import Parametrization, ScaledParam
+from unit_scaling.models.transformer import TransformerConfig, TransformerLayer, TransformerStack
+from unit_scaling.parametrization import Parametrization
+from unit_scaling.params import ScaledParam
+from unit_scaling.precision import Precision
 
 UMUP = Parametrization("umup")
 # XLA's cheaper CPU pipeline halves compile time; rbg keys avoid compiling threefry.
@@ -31,18 +34,19 @@ def _boxes(params):
 
 
 def test_linear_param_metadata():
-    m = unn.Linear(8, kernel_axes=("embed", "mlp"))
+    m = unn.Linear(8, kernel_axes=("embed", "mlp"), parametrization=UMUP)
     params = jax.eval_shape(m.init, KEY, jnp.ones((2, 4)))["params"]
     k, b = params["kernel"], params["bias"]
     assert isinstance(k, ScaledParam) and k.names == ("embed", "mlp") and k.role == "weight"
     assert k.depth is None and k.value.shape == (4, 8)
     assert b.role == "bias" and b.names == ("mlp",) and b.value.shape == (8,)
-    r = jax.eval_shape(unn.LinearReadout(16).init, KEY, jnp.ones((2, 4)))["params"]["kernel"]
+    r = jax.eval_shape(unn.LinearReadout(16, parametrization=UMUP).init, KEY, jnp.ones((2, 4)))["params"]["kernel"]
     assert r.role == "output" and r.names == ("embed", "vocab")
 
 
 def test_scanned_stack_keeps_roles_and_adds_layers_axis():
-    stack = unn.TransformerStack(num_layers=3, num_heads=2, mlp_dim=32, scan_layers=True)
+    stack = TransformerStack(TransformerConfig(d_model=16, num_layers=3, num_heads=2, mlp_dim=32,
+                                               scan_layers=True))
     params = jax.eval_shape(stack.init, jax.random.key(0), jnp.ones((1, 4, 16)))["params"]
     boxes = _boxes(params)
     assert boxes and all(isinstance(b, ScaledParam) for b in boxes)
@@ -52,14 +56,21 @@ def test_scanned_stack_keeps_roles_and_adds_layers_axis():
     assert qkv.fan_in == 16 and qkv.names == ("layers", "embed", "heads", None, "kv")
 
 
+def test_a_layer_needs_a_parametrization():
+    with pytest.raises(TypeError, match="parametrization"):
+        unn.Linear(8)
+    with pytest.raises(TypeError, match="parametrization"):
+        unn.MultiHeadAttention(num_heads=2)
+
+
 def test_heads_must_divide_d_model():
-    attn = unn.MultiHeadAttention(num_heads=3)
+    attn = unn.MultiHeadAttention(num_heads=3, parametrization=UMUP)
     with pytest.raises(ValueError, match="num_heads"):
         jax.eval_shape(attn.init, KEY, jnp.ones((1, 4, 16)))
 
 
 def _attn(**kw):
-    m = unn.MultiHeadAttention(num_heads=2, **kw)
+    m = unn.MultiHeadAttention(num_heads=2, **{"parametrization": UMUP, **kw})
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 16)), jnp.float32)
     params = jit(m.init)(KEY, x)
     apply = jit(lambda p, x, **a: m.apply(p, x, **a))
@@ -125,8 +136,8 @@ def test_sinusoidal_is_unit_scaled():
 
 
 def test_compute_and_param_dtypes():
-    m = unn.TransformerLayer(num_heads=2, mlp_dim=32, dtype=jnp.bfloat16,
-                             param_dtype=jnp.float32, norm_position="pre")
+    m = TransformerLayer(TransformerConfig(d_model=16, num_heads=2, mlp_dim=32, precision="bf16",
+                                           param_dtype="float32", norm_position="pre"))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 16)), jnp.float32)
     params = nn.unbox(jit(m.init)(KEY, x)["params"])
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
@@ -143,15 +154,16 @@ def test_compute_and_param_dtypes():
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_mlp_fp8_and_critical_high_precision(activation):
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 8, 32)), jnp.float32)
-    ref = unn.MLP(64, activation=activation)
+    ref = unn.MLP(64, activation=activation, parametrization=UMUP)
     params = jit(ref.init)(KEY, x)
 
     @jit
     def run(params, x):
         y = ref.apply(params, x)
-        y8 = unn.MLP(64, activation=activation, formats=formats.FP8).apply(params, x)
-        y8_hp = unn.MLP(64, activation=activation, formats=formats.FP8,
-                        high_precision_out=True).apply(params, x)
+        fp8 = Precision(formats=formats.FP8)
+        y8 = ref.clone(precision=fp8).apply(params, x)
+        y8_hp = ref.clone(precision=Precision(formats=formats.FP8, high_precision_critical=True)
+                          ).apply(params, x)
         return y, y8, y8_hp
 
     y, y8, y8_hp = run(params, x)
@@ -163,11 +175,11 @@ def test_mlp_fp8_and_critical_high_precision(activation):
 def test_unknown_choices_raise():
     x = jnp.ones((1, 4, 16))
     with pytest.raises(ValueError, match="activation"):
-        jax.eval_shape(unn.MLP(8, activation="relu").init, KEY, x)
+        jax.eval_shape(unn.MLP(8, activation="relu", parametrization=UMUP).init, KEY, x)
     with pytest.raises(ValueError, match="norm"):
         unn.make_norm("batch_norm")
     with pytest.raises(ValueError, match="remat_policy"):
-        jax.eval_shape(unn.TransformerStack(1, 2, 8, remat_policy="some").init, KEY, x)
+        TransformerConfig(d_model=16, num_heads=2, remat_policy="some")
 
 
 def test_every_logical_name_has_a_rule():

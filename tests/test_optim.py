@@ -12,7 +12,7 @@ import pytest
 
 from unit_scaling import optim
 from unit_scaling.models import bert, causal_lm
-from unit_scaling.parametrization import ScaledParam
+from unit_scaling.params import ScaledParam
 
 D, H, M, V, N = 32, 4, 64, 128, 3
 
@@ -223,7 +223,7 @@ def test_plain_dict_with_a_path_function():
 
 
 def test_roles_match_the_parametrization():
-    from unit_scaling import parametrization
+    from unit_scaling import parametrization, params
 
-    assert optim.ROLES == parametrization.ROLES
+    assert optim.ROLES == params.ROLES
     assert optim._PARAMETRIZATIONS == parametrization.PARAMETRIZATIONS

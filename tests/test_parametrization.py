@@ -1,5 +1,6 @@
-"""Parametrizations: precision names, validation, and the scales of the ops that the
-reference lacks (tanh pooler, summed embeddings) and of traced residual taus."""
+"""Parametrizations and their ops: precision names, validation, and the scales of the
+ops that the reference lacks (tanh pooler, summed embeddings) and of traced residual
+taus."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,9 @@ import pytest
 
 from unit_scaling import formats
 from unit_scaling import functional as U
-from unit_scaling.parametrization import Parametrization, make_parametrization, resolve_precision
+from unit_scaling.ops import StandardOps, UnitScaledOps
+from unit_scaling.parametrization import Parametrization, make_parametrization
+from unit_scaling.precision import Precision
 
 
 def _normal(seed, shape):
@@ -21,15 +24,19 @@ def _rms(x):
     return float(jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))))
 
 
-def test_resolve_precision():
-    assert resolve_precision("fp32") == (jnp.float32, None)
-    assert resolve_precision("bf16") == (jnp.bfloat16, None)
-    assert resolve_precision("fp16") == (jnp.float16, None)
-    dtype, policy = resolve_precision("fp8")
-    assert dtype == jnp.bfloat16 and policy == formats.FP8 and not policy.real
-    assert resolve_precision("fp8", real_fp8=True)[1].real
+def test_precision_from_name():
+    for name, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16), ("fp16", jnp.float16)):
+        assert Precision.from_name(name) == Precision(dtype=dtype, param_dtype=jnp.float32)
+    fp8 = Precision.from_name("fp8")
+    assert fp8.dtype == jnp.bfloat16 and fp8.formats == formats.FP8 and not fp8.formats.real
+    assert fp8.attention_formats is None and fp8.matmul_formats(critical=True) == formats.FP8
+    assert Precision.from_name("fp8", real_fp8=True).formats.real
+    hp = Precision.from_name("fp8", high_precision_critical=True, fp8_attention=True)
+    assert hp.matmul_formats(critical=True) is None and hp.attention_formats == formats.FP8
     with pytest.raises(ValueError, match="precision"):
-        resolve_precision("int4")
+        Precision.from_name("int4")
+    with pytest.raises(ValueError, match="param_dtype"):
+        Precision.from_name("fp32", param_dtype="float16")
 
 
 def test_validation_names_the_field():
@@ -41,26 +48,35 @@ def test_validation_names_the_field():
         Parametrization("umup", act_mult=-1.0)
     with pytest.raises(ValueError, match="unknown parametrization field"):
         make_parametrization("umup", attention_mult=2.0)
+    with pytest.raises(ValueError, match="depth"):
+        Parametrization("umup", depth=0)
+
+
+def test_ops_per_parametrization():
+    assert type(Parametrization("sp").ops) is StandardOps
+    assert Parametrization("unit").ops == UnitScaledOps(mup_tied_readout=False)
+    assert Parametrization("umup", act_mult=2.0).ops == UnitScaledOps(act_mult=2.0, attn_mult=1.0)
+    assert Parametrization("umup").in_stack(4) == Parametrization("umup", depth=4)
 
 
 def test_scaled_tanh_is_unit_scaled():
     p = Parametrization("unit")
     x = _normal(0, (1 << 16,))
     g = _normal(1, x.shape)
-    y, vjp = jax.vjp(p.tanh, x)
+    y, vjp = jax.vjp(p.ops.tanh, x)
     (gx,) = vjp(g)
     assert 0.95 < _rms(y) < 1.05
     # One (output) scale for both directions: the gradient is 1.593/1.467 = 1.09.
     assert 1.0 < _rms(gx) < 1.15
     # sp is a plain tanh.
-    np.testing.assert_allclose(Parametrization("sp").tanh(x), jnp.tanh(x))
+    np.testing.assert_allclose(Parametrization("sp").ops.tanh(x), jnp.tanh(x))
 
 
 def test_sum_embeddings_unit_forward_and_gradient():
     p = Parametrization("umup")
     xs = [_normal(i, (4096, 8)) for i in range(3)]
     g = _normal(9, (4096, 8))
-    y, vjp = jax.vjp(lambda *a: p.sum_embeddings(*a), *xs)
+    y, vjp = jax.vjp(lambda *a: p.ops.sum_embeddings(*a), *xs)
     assert 0.95 < _rms(y) < 1.05
     for gi in vjp(g):  # each table's gradient is the (unit) output gradient itself
         np.testing.assert_allclose(gi, g)
@@ -72,8 +88,8 @@ def test_traced_tau_residual_equals_static(tau):
     x = _normal(0, (16, 8))
 
     def f(x, t):
-        res, skip = p.residual_split(x, t)
-        return jnp.sum(jnp.sin(p.residual_add(2.0 * res, skip, t)))
+        res, skip = p.ops.residual_split(x, t)
+        return jnp.sum(jnp.sin(p.ops.residual_add(2.0 * res, skip, t)))
 
     static = jax.value_and_grad(f)(x, tau)
     traced = jax.jit(jax.value_and_grad(f))(x, jnp.float32(tau))
@@ -128,10 +144,10 @@ def test_post_norm_taus_reproduce_standard_bert_branches(param, shared):
     merge = lambda t: t.reshape(batch, length, d)
 
     sp = Parametrization("sp")
-    sp_attn = _sp_dense(merge(sp.attention(*(heads_of(_sp_dense(x, z)) for z in (zq, zk, zv)))), zo)
-    unit_attn = U.linear(merge(p.attention(*(heads_of(U.linear(x, z)) for z in (zq, zk, zv)))), zo)
+    sp_attn = _sp_dense(merge(sp.ops.attention(*(heads_of(_sp_dense(x, z)) for z in (zq, zk, zv)))), zo)
+    unit_attn = U.linear(merge(p.ops.attention(*(heads_of(U.linear(x, z)) for z in (zq, zk, zv)))), zo)
     sp_mlp = _sp_dense(jax.nn.gelu(_sp_dense(x, z1), approximate=False), z2)
-    unit_mlp = U.linear(p.gelu(U.linear(x, z1)), z2)
+    unit_mlp = U.linear(p.ops.gelu(U.linear(x, z1)), z2)
 
     tau_attn, tau_mlp = p.post_norm_taus(d, d_ff, "gelu", length)
     ratio = tau_attn * _rms(unit_attn) / _rms(sp_attn)
@@ -146,16 +162,16 @@ def test_post_norm_taus_reproduce_standard_bert_branches(param, shared):
 def test_sp_attention_matches_jax_reference():
     p = Parametrization("sp")
     q, k, v = (_normal(i, (2, 8, 2, 16)) for i in range(3))
-    ours = p.attention(q, k, v, causal=True)
+    ours = p.ops.attention(q, k, v, causal=True)
     ref = jax.nn.dot_product_attention(q, k, v, is_causal=True)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
 def test_attention_temperatures():
-    assert Parametrization("sp").attention_mult(64) == 8.0
-    assert Parametrization("unit").attention_mult(64) == 8.0
-    assert Parametrization("unit", unit_attn_temperature="linear").attention_mult(64) == 1.0
-    assert Parametrization("umup", attn_mult=2.0).attention_mult(64) == 2.0
+    assert Parametrization("sp").ops.attention_mult(64) == 8.0
+    assert Parametrization("unit").ops.attention_mult(64) == 8.0
+    assert Parametrization("unit", unit_attn_temperature="linear").ops.attention_mult(64) == 1.0
+    assert Parametrization("umup", attn_mult=2.0).ops.attention_mult(64) == 2.0
 
 
 def test_cross_entropy_sp_and_unit_agree_in_value():
@@ -167,11 +183,11 @@ def test_cross_entropy_sp_and_unit_agree_in_value():
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     ref = float(jnp.sum(ce * w) / jnp.sum(w))
     for name in ("sp", "unit"):
-        out = Parametrization(name).cross_entropy(logits, labels, w)
+        out = Parametrization(name).ops.cross_entropy(logits, labels, w)
         assert float(out) == pytest.approx(ref, rel=1e-6), name
     # unit: the gradient is that of the weighted *sum* (unit-scaled), not of the mean.
     p = Parametrization("umup", loss_mult=2.0)
-    g = jax.grad(lambda z: p.cross_entropy(z, labels, w))(logits)
+    g = jax.grad(lambda z: p.ops.cross_entropy(z, labels, w))(logits)
     g_sum = jax.grad(lambda z: U.cross_entropy(z, labels, mult=2.0, reduction="sum",
                                                weights=w))(logits)
     np.testing.assert_allclose(g, g_sum, rtol=1e-6)

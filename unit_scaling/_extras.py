@@ -2,7 +2,7 @@
 
 The core (`scale`, `functional`, `formats`, `optim` without Flax, `analysis.track_scales`)
 needs only jax, numpy, ml_dtypes and optax. The rest needs an extra of the distribution:
-`[flax]` (nn, models, parametrization, optim with boxed params), `[analysis]` (plots),
+`[flax]` (nn, models, parametrization, params, optim with boxed params), `[analysis]` (plots),
 `[train]` (training stack and data), `[all]`.
 """
 

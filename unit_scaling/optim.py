@@ -78,7 +78,8 @@ def __dir__() -> list[str]:
 
 OPTIMIZERS = ("adam", "sgd")
 DECAYED_ROLES = ("weight", "embedding", "output")
-# The same names as `unit_scaling.parametrization` (which needs Flax); a test checks it.
+# The same names as `unit_scaling.params` and `unit_scaling.parametrization` (which need
+# Flax); a test checks it.
 ROLES = ("weight", "bias", "norm", "output", "embedding")
 _PARAMETRIZATIONS = ("sp", "unit", "umup")
 
@@ -158,11 +159,11 @@ def _has_boxes(tree: Any) -> bool:
 def flax_spec(params: Any) -> Any:
     """The spec of Flax params boxed in `ScaledParam` (concrete or from
     `jax.eval_shape`): a tree of the *unboxed* params' structure holding each tensor's
-    `ParamSpec` (fan_in from `parametrization.fan_in`, which drops the `nn.scan` axis).
+    `ParamSpec` (fan_in from `unit_scaling.params.fan_in`, which drops the `nn.scan` axis).
 
     Raises ValueError, naming the path, for a leaf without a u-μP role.
     """
-    from unit_scaling.parametrization import fan_in, param_meta
+    from unit_scaling.params import fan_in, param_meta
 
     param_meta(params)  # raises, naming the path, on a parameter without a role
     return jax.tree.map(

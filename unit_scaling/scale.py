@@ -10,6 +10,9 @@ Where an op's input and output lie on a path that is not a cut-edge of the graph
 output scale and the input-gradient scale must be equal or the gradients stop being
 proportional to the true gradients; a *constraint* picks that one scale.
 
+`scale_traced(x, fwd, bwd)` is the same pair of scales for scales that are traced values
+(e.g. a per-layer residual weight fed to `nn.scan` as a scanned input).
+
 `share_over_vmap(param, input)` is the hook that makes weight-gradient scales see the
 batch of a `jax.vmap` (see `vmap_reduction` and the `unit_scaling.functional` docstring).
 
@@ -39,6 +42,7 @@ __all__ = [
     "hmean",
     "scale_bwd",
     "scale_fwd",
+    "scale_traced",
     "share_over_vmap",
     "to_grad_input_scale",
     "to_left_grad_scale",
@@ -104,6 +108,40 @@ def scale_bwd(x: jax.Array, scale: float) -> jax.Array:
       scale: a static Python float.
     """
     return _scale(x, 1.0, _static_scale(scale, "scale_bwd scale"))
+
+
+def scale_traced(x: jax.Array, fwd: jax.Array | float, bwd: jax.Array | float) -> jax.Array:
+    """`fwd * x` in the forward pass and `bwd * g` in the backward pass, for scales that
+    may be traced scalars (e.g. a layer's residual weight under `nn.scan`, where the
+    layer index is not static).
+
+    Args:
+      x: any floating array; the output and its gradient have its shape and dtype.
+      fwd, bwd: scalar arrays or Python floats. They receive zero cotangents: a scale
+        is a constant of the model, not something to differentiate.
+
+    Unlike `scale_fwd`/`scale_bwd`, a Python float here is multiplied in even when it
+    is 1, and XLA cannot fold a traced scale into the neighbouring kernels: prefer the
+    static pair where the scale is known at trace time.
+    """
+    return _traced(x, fwd, bwd)
+
+
+@jax.custom_vjp
+def _traced(x, fwd, bwd):
+    return (x * fwd).astype(x.dtype)
+
+
+def _traced_fwd(x, fwd, bwd):
+    return _traced(x, fwd, bwd), (fwd, bwd)
+
+
+def _traced_bwd(res, g):
+    fwd, bwd = res
+    return (g * bwd).astype(g.dtype), jnp.zeros_like(fwd), jnp.zeros_like(bwd)
+
+
+_traced.defvjp(_traced_fwd, _traced_bwd)
 
 
 # Constraints: each takes the op's scales `(output_scale, *grad_input_scales)` and returns

@@ -23,11 +23,11 @@ Param tree (both models; a pretraining checkpoint's `params["encoder"]` and
   classifier/{kernel [D, C], bias}             (classification only)
 
 Scales of the ops the reference lacks (unit/umup; derivations in the
-`Parametrization` and `functional` docstrings): the summed token+segment+position
+`unit_scaling.ops` and `functional` docstrings): the summed token+segment+position
 embeddings are scaled by 3^-1/2 forward only (`sum_embeddings`); the MLM positions and
 the [CLS] position are read with `U.gather_positions` (backward `(L/P)^1/2`), and the
 encoder output's gradient from the two heads by 2^-1/2 each; the tanh pooler by 1.593
-(E[tanh(x)^2]^-1/2 for x ~ N(0,1)); the tied readout (`Parametrization.readout`: μP
+(E[tanh(x)^2]^-1/2 for x ~ N(0,1)); the tied readout (`ops.readout`: μP
 under umup, fan_in^-1/2 under unit) scales the table's gradient by 2^-1/2 at each of
 its two uses (`Embedding`). Post-norm residual branch weights and the lr of the
 norms on the stream (not the MLM head's): `Parametrization.post_norm_taus` and
@@ -45,10 +45,10 @@ import jax.numpy as jnp
 
 from unit_scaling import batches
 from unit_scaling import nn as unn
-from unit_scaling.models.config import TransformerConfig
-from unit_scaling.nn.partitioning import constrain, make_param
+from unit_scaling.models.transformer import TransformerConfig, TransformerStack
+from unit_scaling.nn.partitioning import constrain
 from unit_scaling.nn.positions import sinusoidal
-from unit_scaling.scale import scale_bwd
+from unit_scaling.params import make_param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +72,8 @@ class BertEncoder(nn.Module):
 
     def setup(self):
         c = self.config
-        kw = c.module_kwargs()
-        self.token_embed = unn.Embedding(c.vocab_size, c.d_model, tied=c.tie_embeddings,
-                                         formats=c.formats, **kw)
+        kw = dict(parametrization=c.parametrization, precision=c.numerics)
+        self.token_embed = unn.Embedding(c.vocab_size, c.d_model, tied=c.tie_embeddings, **kw)
         self.segment_embed = unn.Embedding(c.type_vocab_size, c.d_model, axes=(None, "embed"),
                                            **kw)
         if c.position == "learned":
@@ -82,8 +81,8 @@ class BertEncoder(nn.Module):
                                                 **kw)
         self.embed_norm = unn.make_norm(c.norm, epsilon=c.norm_epsilon, use_bias=c.use_bias,
                                         lr_mult=c.norm_lr_mult, **kw)
-        self.embed_dropout = unn.Dropout(c.dropout, parametrization=c.parametrization)
-        self.stack = c.stack(causal=False)
+        self.embed_dropout = unn.Dropout(c.dropout, **kw)
+        self.stack = TransformerStack(c, causal=False)
 
     def __call__(self, input_ids, segment_ids, input_mask, *, deterministic: bool):
         c = self.config
@@ -96,8 +95,8 @@ class BertEncoder(nn.Module):
         if c.position == "learned":
             terms.append(self.position_embed(positions))
         elif c.position == "sinusoidal":
-            terms.append(sinusoidal(positions, c.d_model, p.unit_scaled).astype(c.dtype))
-        x = p.sum_embeddings(*terms)
+            terms.append(sinusoidal(positions, c.d_model, p.unit_scaled).astype(c.numerics.dtype))
+        x = p.ops.sum_embeddings(*terms)
         x = self.embed_norm(constrain(x, ("batch", "length", "embed")))
         x = self.embed_dropout(x, deterministic)
         return self.stack(x, mask=input_mask, positions=positions,
@@ -116,11 +115,12 @@ class _Pooler(nn.Module):
     @nn.compact
     def __call__(self, hidden):
         c = self.config
-        cls = c.parametrization.gather_positions(
-            hidden, jnp.zeros((hidden.shape[0], 1), jnp.int32))[:, 0]
+        ops = c.parametrization.ops
+        cls = ops.gather_positions(hidden, jnp.zeros((hidden.shape[0], 1), jnp.int32))[:, 0]
         h = unn.Linear(c.d_model, kernel_axes=("embed", None), use_bias=c.use_bias,
-                       formats=c.formats, name="dense", **c.module_kwargs())(cls)
-        return c.parametrization.tanh(h)
+                       parametrization=c.parametrization, precision=c.numerics,
+                       name="dense")(cls)
+        return ops.tanh(h)
 
 
 def _accuracy(logits, labels, weights=None):
@@ -155,30 +155,31 @@ class BertForPreTraining(nn.Module):
 
     def setup(self):
         c = self.config
-        kw = c.module_kwargs()
+        kw = dict(parametrization=c.parametrization, precision=c.numerics)
         self.encoder = BertEncoder(c)
         self.pooler = _Pooler(c)
         self.nsp = unn.LinearReadout(2, kernel_axes=("embed", None), use_bias=c.use_bias,
-                                     formats=c.formats, **kw)
-        self.mlm_dense = unn.Linear(c.d_model, kernel_axes=("embed", None), formats=c.formats,
+                                     **kw)
+        self.mlm_dense = unn.Linear(c.d_model, kernel_axes=("embed", None),
                                     use_bias=c.use_bias, name="mlm_dense", **kw)
         self.mlm_norm = unn.make_norm(c.norm, epsilon=c.norm_epsilon, use_bias=c.use_bias,
                                       name="mlm_norm", **kw)
         if c.tie_embeddings and c.use_bias:
             self.mlm_output_bias = make_param(self, "mlm_output_bias", nn.initializers.zeros,
                                               (c.vocab_size,), ("vocab",), "bias", None,
-                                              c.jnp_param_dtype)
+                                              c.numerics.param_dtype)
         elif not c.tie_embeddings:
-            self.mlm_readout = unn.LinearReadout(c.vocab_size, formats=c.formats,
-                                                 use_bias=c.use_bias, name="mlm_readout", **kw)
+            self.mlm_readout = unn.LinearReadout(c.vocab_size, use_bias=c.use_bias,
+                                                 name="mlm_readout", **kw)
 
     def mlm_logits(self, hidden: jax.Array, positions: jax.Array) -> jax.Array:
         """Logits `[B, P, V]` (float32) at `positions [B, P]` of `hidden [B, L, D]`."""
         c = self.config
-        h = c.parametrization.gather_positions(hidden, positions)
-        h = self.mlm_norm(c.parametrization.gelu(self.mlm_dense(h)))
+        ops = c.parametrization.ops
+        h = ops.gather_positions(hidden, positions)
+        h = self.mlm_norm(ops.gelu(self.mlm_dense(h)))
         if c.tie_embeddings:
-            bias = self.mlm_output_bias.astype(c.dtype) if c.use_bias else None
+            bias = self.mlm_output_bias.astype(c.numerics.dtype) if c.use_bias else None
             logits = self.encoder.attend(h, bias)
         else:
             logits = self.mlm_readout(h)
@@ -186,21 +187,18 @@ class BertForPreTraining(nn.Module):
 
     def __call__(self, batch: dict, *, deterministic: bool):
         _check_batch(batch, PRETRAINING_FIELDS)
-        c = self.config
-        p = c.parametrization
+        ops = self.config.parametrization.ops
         hidden = self.encoder(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
                               deterministic=deterministic)
-        if p.unit_scaled:
-            # Two heads read the encoder output, each sending back a unit-scaled
-            # gradient; their sum has RMS 2^1/2, so each is scaled by 2^-1/2 (as the
-            # tied embedding table's two uses are).
-            hidden = scale_bwd(hidden, 2**-0.5)
+        # Two heads read the encoder output (unit/umup: each gradient scaled by 2^-1/2,
+        # as the tied embedding table's two uses are).
+        hidden = ops.shared(hidden, 2)
         mlm_logits = self.mlm_logits(hidden, batch["masked_lm_positions"])
         weights = batch["masked_lm_weights"].astype(jnp.float32)
-        mlm_loss = p.cross_entropy(mlm_logits, batch["masked_lm_ids"], weights)
+        mlm_loss = ops.cross_entropy(mlm_logits, batch["masked_lm_ids"], weights)
         nsp_logits = self.nsp(self.pooler(hidden)).astype(jnp.float32)
         nsp_labels = batch["next_sentence_label"].reshape(-1)
-        nsp_loss = p.cross_entropy(nsp_logits, nsp_labels)
+        nsp_loss = ops.cross_entropy(nsp_logits, nsp_labels)
         metrics = dict(
             mlm_loss=mlm_loss,
             mlm_accuracy=_accuracy(mlm_logits, batch["masked_lm_ids"], weights),
@@ -223,12 +221,12 @@ class BertForSequenceClassification(nn.Module):
         c = self.config
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        kw = dict(parametrization=c.parametrization, precision=c.numerics)
         self.encoder = BertEncoder(c)
         self.pooler = _Pooler(c)
-        self.dropout = unn.Dropout(c.dropout, parametrization=c.parametrization)
+        self.dropout = unn.Dropout(c.dropout, **kw)
         self.classifier = unn.LinearReadout(self.num_classes, kernel_axes=("embed", None),
-                                            use_bias=c.use_bias, formats=c.formats,
-                                            **c.module_kwargs())
+                                            use_bias=c.use_bias, **kw)
 
     def logits(self, batch: dict, *, deterministic: bool) -> jax.Array:
         hidden = self.encoder(batch["input_ids"], batch["segment_ids"], batch["input_mask"],
@@ -242,5 +240,5 @@ class BertForSequenceClassification(nn.Module):
         labels = batch["label"].reshape(-1)
         # Optional per-row weights: 0 on rows that only pad the last eval batch.
         weights = batch.get("weight")
-        loss = self.config.parametrization.cross_entropy(logits, labels, weights)
+        loss = self.config.parametrization.ops.cross_entropy(logits, labels, weights)
         return loss, dict(loss=loss, accuracy=_accuracy(logits, labels, weights))

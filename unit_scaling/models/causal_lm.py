@@ -10,7 +10,7 @@ sees another; with RoPE the `positions` restart at every document.
 
 Param tree: token_embed/embedding [V, D]; position_embed/embedding (position="learned");
 stack/layer_{i}/... (or stack/layers/layer/... with scan_layers; see
-`unit_scaling.nn.TransformerStack`), stack/final_norm/scale; readout/kernel [D, V]
+`unit_scaling.models.transformer.TransformerStack`), stack/final_norm/scale; readout/kernel [D, V]
 (untied, role output) or the tied table.
 
 u-μP attention scale: the stack passes `scale_seq_len = max_len` to the attention, so
@@ -28,8 +28,8 @@ import jax.numpy as jnp
 
 from unit_scaling import batches
 from unit_scaling import nn as unn
-from unit_scaling.models.config import TransformerConfig
 from unit_scaling.models.sampling import sample_logits
+from unit_scaling.models.transformer import TransformerConfig, TransformerStack
 from unit_scaling.nn.partitioning import constrain
 from unit_scaling.nn.positions import sinusoidal
 
@@ -66,17 +66,15 @@ class CausalLM(nn.Module):
 
     def setup(self):
         c = self.config
-        kw = c.module_kwargs()
-        self.token_embed = unn.Embedding(c.vocab_size, c.d_model, tied=c.tie_embeddings,
-                                         formats=c.formats, **kw)
+        kw = dict(parametrization=c.parametrization, precision=c.numerics)
+        self.token_embed = unn.Embedding(c.vocab_size, c.d_model, tied=c.tie_embeddings, **kw)
         if c.position == "learned":
             self.position_embed = unn.Embedding(c.max_len, c.d_model, axes=(None, "embed"),
                                                 **kw)
-        self.embed_dropout = unn.Dropout(c.dropout, parametrization=c.parametrization)
-        self.stack = c.stack(causal=True, decode=self.decode)
+        self.embed_dropout = unn.Dropout(c.dropout, **kw)
+        self.stack = TransformerStack(c, causal=True, decode=self.decode)
         if not c.tie_embeddings:
-            self.readout = unn.LinearReadout(c.vocab_size, use_bias=False,
-                                             formats=c.formats, **kw)
+            self.readout = unn.LinearReadout(c.vocab_size, use_bias=False, **kw)
 
     def logits(
         self,
@@ -88,6 +86,7 @@ class CausalLM(nn.Module):
     ) -> jax.Array:
         c = self.config
         p = c.parametrization
+        ops = p.ops
         batch, length = input_ids.shape
         if length > c.max_len:
             raise ValueError(f"sequence length {length} > max_len={c.max_len}; raise max_len")
@@ -97,8 +96,8 @@ class CausalLM(nn.Module):
         if c.position == "learned":
             terms.append(self.position_embed(positions))
         elif c.position == "sinusoidal":
-            terms.append(sinusoidal(positions, c.d_model, p.unit_scaled).astype(c.dtype))
-        x = constrain(p.sum_embeddings(*terms), ("batch", "length", "embed"))
+            terms.append(sinusoidal(positions, c.d_model, p.unit_scaled).astype(c.numerics.dtype))
+        x = constrain(ops.sum_embeddings(*terms), ("batch", "length", "embed"))
         x = self.embed_dropout(x, deterministic)
         x = self.stack(x, segment_ids=segment_ids, positions=positions,
                        deterministic=deterministic)
@@ -116,7 +115,7 @@ class CausalLM(nn.Module):
         logits = self.logits(batch["input_ids"], segment_ids=batch["segment_ids"],
                              positions=batch["positions"], deterministic=deterministic)
         weights = batch["weights"].astype(jnp.float32)
-        loss = self.config.parametrization.cross_entropy(logits, batch["targets"], weights)
+        loss = self.config.parametrization.ops.cross_entropy(logits, batch["targets"], weights)
         correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
         accuracy = jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
         return loss, dict(loss=loss, accuracy=accuracy)

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from unit_scaling.formats import FormatPolicy
-from unit_scaling.nn.linear import DEFAULT_PARAMETRIZATION
-from unit_scaling.nn.partitioning import constrain, make_param
+from unit_scaling.nn.module import ScaledModule
+from unit_scaling.nn.partitioning import constrain
 from unit_scaling.nn.positions import apply_rope
-from unit_scaling.parametrization import Parametrization
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(ScaledModule):
     """Self-attention on x `[batch, len, d]` -> `[batch, len, d]`.
 
     Params: `qkv_kernel` `[d, heads, 3, head_dim]` ("embed", "heads", None, "kv") and
@@ -30,8 +28,8 @@ class MultiHeadAttention(nn.Module):
     Adam, which normalises float round-off in that gradient into full-size updates
     that differ between CPUs and XLA versions.
 
-    Scales (unit/umup): each projection is `Parametrization.linear` (fan_in
-    d resp. heads*head_dim); attention is `Parametrization.attention` (temperature
+    Scales (unit/umup): each projection is `ops.linear` (fan_in d resp.
+    heads*head_dim); attention is `ops.attention` (temperature
     `attention_mult/head_dim`, output scaled to unit RMS with the length `max_len`
     when `scale_seq_len_from_max_len`, which makes cached decoding agree with the
     full forward).
@@ -44,8 +42,10 @@ class MultiHeadAttention(nn.Module):
     (`cached_key`, `cached_value` `[batch, max_len, heads, head_dim]`, `cache_index`)
     at `cache_index`, and queries attend to cached positions `<= their own`. The first
     call (when the cache does not exist yet, e.g. under `init`) just creates it.
-    `high_precision_out`: the output projection ignores `formats` (u-μP critical
-    matmul).
+
+    Precision: the projections use `precision.formats`, except the output projection
+    (a u-μP critical matmul) under `high_precision_critical`; the two attention
+    matmuls use `precision.attention_formats`.
     """
 
     num_heads: int
@@ -57,13 +57,6 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: float = 0.0
     use_bias: bool = True
     decode: bool = False
-    high_precision_out: bool = False
-    attention_formats: Optional[FormatPolicy] = None
-    parametrization: Parametrization = DEFAULT_PARAMETRIZATION
-    formats: Optional[FormatPolicy] = None
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    depth: Optional[int] = None
 
     @nn.compact
     def __call__(
@@ -75,7 +68,7 @@ class MultiHeadAttention(nn.Module):
         positions: Optional[jax.Array] = None,
         deterministic: bool = True,
     ) -> jax.Array:
-        p = self.parametrization
+        p, ops, prec = self.parametrization, self.ops, self.precision
         batch, length, d = x.shape
         if d % self.num_heads:
             raise ValueError(
@@ -83,21 +76,19 @@ class MultiHeadAttention(nn.Module):
                 "or d_model"
             )
         h, dh = self.num_heads, d // self.num_heads
-        x = x.astype(self.dtype)
+        x = x.astype(prec.dtype)
 
-        qkv_kernel = make_param(self, "qkv_kernel", p.kernel_init(d), (d, h, 3, dh),
-                                ("embed", "heads", None, "kv"), "weight", self.depth,
-                                self.param_dtype, fan_in=d)
+        qkv_kernel = self.scaled_param("qkv_kernel", p.kernel_init(d), (d, h, 3, dh),
+                                       ("embed", "heads", None, "kv"), "weight", fan_in=d)
         qkv_bias = None
         if self.use_bias:
-            qv_bias = make_param(self, "qv_bias", nn.initializers.zeros, (h, 2, dh),
-                                 ("heads", None, "kv"), "bias", self.depth,
-                                 self.param_dtype).astype(self.dtype)
-            zero_key = jnp.zeros((h, 1, dh), self.dtype)
+            qv_bias = self.scaled_param("qv_bias", nn.initializers.zeros, (h, 2, dh),
+                                        ("heads", None, "kv"), "bias").astype(prec.dtype)
+            zero_key = jnp.zeros((h, 1, dh), prec.dtype)
             qkv_bias = jnp.concatenate([qv_bias[:, :1], zero_key, qv_bias[:, 1:]],
                                        axis=1).reshape(-1)
-        qkv = p.linear(x, qkv_kernel.astype(self.dtype).reshape(d, h * 3 * dh), qkv_bias,
-                       self.formats)
+        qkv = ops.linear(x, qkv_kernel.astype(prec.dtype).reshape(d, h * 3 * dh), qkv_bias,
+                         prec.formats)
         qkv = checkpoint_name(qkv, "qkv_proj").reshape(batch, length, h, 3, dh)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
         q = constrain(q, ("batch", "length", "heads", "kv"))
@@ -116,24 +107,23 @@ class MultiHeadAttention(nn.Module):
         dropout_key = None
         if self.dropout_rate > 0.0 and not deterministic:
             dropout_key = self.make_rng("dropout")
-        out = p.attention(
+        out = ops.attention(
             q, k, v, mask=key_mask, causal=self.causal, segment_ids=segment_ids,
             dropout_rate=self.dropout_rate, dropout_key=dropout_key,
             deterministic=deterministic, scale_seq_len=scale_seq_len,
-            formats=self.attention_formats,
+            formats=prec.attention_formats,
         )
         out = constrain(out, ("batch", "length", "heads", "kv"))
 
-        out_kernel = make_param(self, "out_kernel", p.kernel_init(h * dh), (h, dh, d),
-                                ("heads", "kv", "embed"), "weight", self.depth,
-                                self.param_dtype)
+        out_kernel = self.scaled_param("out_kernel", p.kernel_init(h * dh), (h, dh, d),
+                                       ("heads", "kv", "embed"), "weight")
         out_bias = None
         if self.use_bias:
-            out_bias = make_param(self, "out_bias", nn.initializers.zeros, (d,), ("embed",),
-                                  "bias", self.depth, self.param_dtype).astype(self.dtype)
-        y = p.linear(out.reshape(batch, length, h * dh),
-                     out_kernel.astype(self.dtype).reshape(h * dh, d), out_bias,
-                     None if self.high_precision_out else self.formats)
+            out_bias = self.scaled_param("out_bias", nn.initializers.zeros, (d,), ("embed",),
+                                         "bias").astype(prec.dtype)
+        y = ops.linear(out.reshape(batch, length, h * dh),
+                       out_kernel.astype(prec.dtype).reshape(h * dh, d), out_bias,
+                       prec.matmul_formats(critical=True))
         y = checkpoint_name(y, "attn_out")
         return constrain(y, ("batch", "length", "embed"))
 

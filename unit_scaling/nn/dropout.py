@@ -5,11 +5,10 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from unit_scaling.nn.linear import DEFAULT_PARAMETRIZATION
-from unit_scaling.parametrization import Parametrization
+from unit_scaling.nn.module import ScaledModule
 
 
-class Dropout(nn.Module):
+class Dropout(ScaledModule):
     """Drops elements with probability `rate` unless `deterministic`.
 
     Uses the "dropout" PRNG collection. sp: inverted dropout (identity at eval);
@@ -18,7 +17,6 @@ class Dropout(nn.Module):
     """
 
     rate: float = 0.0
-    parametrization: Parametrization = DEFAULT_PARAMETRIZATION
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -27,4 +25,4 @@ class Dropout(nn.Module):
         if self.rate == 0.0:
             return x
         key = None if deterministic else self.make_rng("dropout")
-        return self.parametrization.dropout(x, self.rate, key, deterministic)
+        return self.ops.dropout(x, self.rate, key, deterministic)

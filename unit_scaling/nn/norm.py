@@ -6,14 +6,11 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from unit_scaling.nn.linear import DEFAULT_PARAMETRIZATION
-from unit_scaling.nn.partitioning import make_param
-from unit_scaling.parametrization import Parametrization
+from unit_scaling.nn.module import ScaledModule
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(ScaledModule):
     """LayerNorm of x `[..., d]` -> `[..., d]` in the compute dtype.
 
     Gain `scale` `[d]` (init 1) and `bias` `[d]` (init 0), each optional, both role
@@ -25,10 +22,6 @@ class LayerNorm(nn.Module):
     use_scale: bool = True
     use_bias: bool = True
     axis_name: Optional[str] = "embed"
-    parametrization: Parametrization = DEFAULT_PARAMETRIZATION
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    depth: Optional[int] = None
     lr_mult: float = 1.0
 
     @nn.compact
@@ -36,15 +29,15 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = bias = None
         if self.use_scale:
-            scale = make_param(self, "scale", nn.initializers.ones, (d,), (self.axis_name,),
-                               "norm", self.depth, self.param_dtype, lr_mult=self.lr_mult)
+            scale = self.scaled_param("scale", nn.initializers.ones, (d,), (self.axis_name,),
+                                      "norm", lr_mult=self.lr_mult)
         if self.use_bias:
-            bias = make_param(self, "bias", nn.initializers.zeros, (d,), (self.axis_name,),
-                              "norm", self.depth, self.param_dtype, lr_mult=self.lr_mult)
-        return self.parametrization.layer_norm(x.astype(self.dtype), scale, bias, self.epsilon)
+            bias = self.scaled_param("bias", nn.initializers.zeros, (d,), (self.axis_name,),
+                                     "norm", lr_mult=self.lr_mult)
+        return self.ops.layer_norm(x.astype(self.precision.dtype), scale, bias, self.epsilon)
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(ScaledModule):
     """RMSNorm of x `[..., d]`: `x / rms(x) * scale`, gain optional (`use_scale`).
 
     Gain `scale` `[d]` (init 1, role "norm", `lr_mult`); unit/umup scale its gradient
@@ -54,20 +47,15 @@ class RMSNorm(nn.Module):
     epsilon: float = 1e-6
     use_scale: bool = True
     axis_name: Optional[str] = "embed"
-    parametrization: Parametrization = DEFAULT_PARAMETRIZATION
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    depth: Optional[int] = None
     lr_mult: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = None
         if self.use_scale:
-            scale = make_param(self, "scale", nn.initializers.ones, (x.shape[-1],),
-                               (self.axis_name,), "norm", self.depth, self.param_dtype,
-                               lr_mult=self.lr_mult)
-        return self.parametrization.rms_norm(x.astype(self.dtype), scale, self.epsilon)
+            scale = self.scaled_param("scale", nn.initializers.ones, (x.shape[-1],),
+                                      (self.axis_name,), "norm", lr_mult=self.lr_mult)
+        return self.ops.rms_norm(x.astype(self.precision.dtype), scale, self.epsilon)
 
 
 def make_norm(kind: str, **kwargs: Any) -> nn.Module:

@@ -19,7 +19,7 @@ import optax
 
 from unit_scaling import optim
 from unit_scaling.errors import ConfigError
-from unit_scaling.parametrization import param_meta
+from unit_scaling.params import param_meta
 
 OPTIMIZERS = ("adamw", "lamb", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")

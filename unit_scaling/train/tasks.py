@@ -21,7 +21,8 @@ from unit_scaling import data as data_lib
 from unit_scaling.data import finetune
 from unit_scaling.data.tokenizer import Tokenizer
 from unit_scaling.models import bert, causal_lm
-from unit_scaling.parametrization import PARAMETRIZATIONS, PRECISIONS
+from unit_scaling.parametrization import PARAMETRIZATIONS
+from unit_scaling.precision import PRECISIONS
 from unit_scaling.train import metrics as metrics_lib
 from unit_scaling.train.rundir import RunDir, with_tokenizer
 

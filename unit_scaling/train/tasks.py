@@ -26,7 +26,8 @@ from unit_scaling.precision import PRECISIONS
 from unit_scaling.train import metrics as metrics_lib
 from unit_scaling.train.rundir import RunDir, with_tokenizer
 
-OBJECTIVES = ("mlm_nsp", "causal_lm", "classification")
+# The pretraining objectives of the data pipeline, and fine-tuning's classification.
+OBJECTIVES = (*data_lib.pipeline.OBJECTIVES, finetune.CLASSIFICATION.name)
 
 
 @dataclasses.dataclass

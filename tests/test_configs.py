@@ -4,7 +4,7 @@ early with the field's name."""
 import pytest
 
 from configs.common import load_config
-from unit_scaling.train import tasks
+from unit_scaling.train import tasks, trainer
 
 PRESETS = [f"configs/bert.py:{s}" for s in ("tiny", "mini", "small", "medium", "base", "large")] + [
     f"configs/causal_lm.py:{s}" for s in ("tiny", "125m", "350m", "760m", "1.3b")]
@@ -16,6 +16,7 @@ def test_every_preset_loads(spec, param):
     config = load_config(f"{spec},param={param},precision=bf16")
     assert (config.param, config.precision) == (param, "bf16")
     tasks.validate(config)
+    trainer.check_train_config(config.train)
     model = tasks.model_config(config, config.data.vocab_size)
     assert model.d_model % model.num_heads == 0 and model.param == param
     for field in ("steps", "global_batch_size", "lr", "warmup_steps", "schedule", "optimizer",
@@ -43,4 +44,5 @@ def test_bad_config_fields(field, value, match):
     (config[section] if section else config)[key] = value
     with pytest.raises(ValueError, match=match):
         tasks.validate(config)
+        trainer.check_train_config(config.train)
         tasks.model_config(config, 128)

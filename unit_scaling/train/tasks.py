@@ -66,23 +66,14 @@ class Task:
 
 
 def validate(config) -> None:
-    """Fails early, naming the field, on settings no later step would catch clearly."""
+    """Fails early, naming the field, on the task's settings (`param`, `precision`, the
+    objective); the loop's own (`config.train`) are `trainer.check_train_config`'s."""
     if config.param not in PARAMETRIZATIONS:
         raise ConfigError(f"config.param={config.param!r}: use one of {PARAMETRIZATIONS}")
     if config.precision not in PRECISIONS:
         raise ConfigError(f"config.precision={config.precision!r}: use one of {PRECISIONS}")
     if config.data.objective not in OBJECTIVES:
         raise ConfigError(f"config.data.objective={config.data.objective!r}: use one of {OBJECTIVES}")
-    for field in ("steps", "global_batch_size", "log_every", "eval_every", "checkpoint_every"):
-        if config.train[field] < 0:
-            raise ConfigError(f"config.train.{field}={config.train[field]} must be >= 0")
-    if config.train.steps == 0 or config.train.global_batch_size == 0:
-        raise ConfigError("config.train.steps and global_batch_size must be positive")
-    if config.train.global_batch_size % config.train.grad_accum:
-        raise ConfigError(
-            f"config.train.global_batch_size={config.train.global_batch_size} must be a "
-            f"multiple of config.train.grad_accum={config.train.grad_accum}"
-        )
 
 
 def model_config(config, vocab_size: int):

@@ -78,7 +78,13 @@ class Trainer:
 
 
 def check_train_config(train) -> None:
-    """The loop's own settings, checked before any data is loaded."""
+    """The loop's own settings, checked before any data is loaded (the only check of
+    them; `tasks.validate` checks the task's)."""
+    for field in ("steps", "global_batch_size", "log_every", "eval_every", "checkpoint_every"):
+        if train[field] < 0:
+            raise ConfigError(f"config.train.{field}={train[field]} must be >= 0")
+    if train.steps == 0 or train.global_batch_size == 0:
+        raise ConfigError("config.train.steps and global_batch_size must be positive")
     if train.grad_accum < 1:
         raise ConfigError(f"config.train.grad_accum={train.grad_accum} must be >= 1 "
                           "(1 = no accumulation)")

@@ -12,7 +12,7 @@ What the command does. `--config FILE.py:ARG` is loaded as train.py loads it
 `config.train.global_batch_size` is set to `--batch_size` (default 4: the statistics need
 only a few sequences) and `grad_accum` to 1. `unit_scaling.train.tasks.make_task(config)`
 builds the model and the training data; the first batch is drawn. The parameters are
-the config's init (the same key as `loop.run`'s, so a run's step 0) or, with
+the config's init (`train.step.init_variables`, as `loop.run`: a run's step 0) or, with
 `--workdir`, restored from the run's latest checkpoint (`--step` for another): only the
 parameters are read, onto one device, whatever mesh the run used. The analysed
 function is `model.apply({"params": params}, batch, deterministic=True)` (its loss),
@@ -43,10 +43,10 @@ large: ~7 GB); causal 1.3b at seq_len 1024 is ~30 GB: use `--batch_size 1` and/o
 
 Layering. `unit_scaling.analysis` depends on neither `unit_scaling.train` nor
 `unit_scaling.data` at import time: `analyse`/`track_*` work on any Flax model or
-function. Only the command line's `config_inputs` imports `unit_scaling.train.tasks`
-(and orbax for `--workdir`), inside the function, when the command runs; that keeps the
-entry point `python -m unit_scaling.analysis` next to the library without making the
-library depend on the trainer. `main(argv, inputs=...)` takes another `inputs` for
+function. Only the command line's `config_inputs` imports `unit_scaling.train` (`tasks`
+and `step`; and orbax for `--workdir`), inside the function, when the command runs; that
+keeps the entry point `python -m unit_scaling.analysis` next to the library without
+making the library depend on the trainer. `main(argv, inputs=...)` takes another `inputs` for
 models that are not built by `make_task`.
 """
 
@@ -248,9 +248,9 @@ def config_inputs(
     `abstract`: variables are `jax.ShapeDtypeStruct`s (`eval_shape` of the init), for a
     dry run; nothing is restored."""
     try:
-        from unit_scaling.train import tasks  # noqa: WPS433 (only the command needs train)
+        from unit_scaling.train import step as step_lib, tasks  # noqa: WPS433 (only the command needs train)
     except ImportError as e:  # pragma: no cover
-        raise SystemExit(f"--config needs unit_scaling.train.tasks ({e})") from e
+        raise SystemExit(f"--config needs unit_scaling.train ({e})") from e
 
     task = tasks.make_task(config)
     try:
@@ -259,9 +259,8 @@ def config_inputs(
         task.close()
     seed = config.get("seed", 0) if seed is None else seed
 
-    def init(batch):
-        init_key, _ = jax.random.split(jax.random.key(seed))  # as loop.run / step.init_state
-        return nn.meta.unbox(task.model.init({"params": init_key}, batch, deterministic=True))
+    def init(batch):  # the run's init (`loop.run`'s step 0)
+        return nn.meta.unbox(step_lib.init_variables(task.model, batch, seed)[0])
 
     if abstract:
         return task.model, jax.eval_shape(init, batch), batch

@@ -29,12 +29,22 @@ class TrainState:
     rng: jax.Array  # raw uint32 key data, so that it checkpoints as a plain array
 
 
-def init_state(model, tx, loss_scale, batch, seed: int) -> TrainState:
-    """Initialises a `TrainState` (call under `jax.jit(..., out_shardings=...)`)."""
+def init_variables(model, batch, seed: int) -> tuple[Any, jax.Array]:
+    """`(variables, rng)`: the model's variables at init, still in their logical-axis
+    boxes, and the train state's rng key, both from the run's `seed`. The one place
+    that derives them: `init_state`, the trainer's abstract state and `python -m
+    unit_scaling.analysis` (which thus sees a run's step 0)."""
     init_key, rng = jax.random.split(jax.random.key(seed))
-    variables = model.init({"params": init_key}, batch, deterministic=True)
+    return model.init({"params": init_key}, batch, deterministic=True), rng
+
+
+def init_state(model, tx, loss_scale, batch, seed: int, boxed: bool = False) -> TrainState:
+    """Initialises a `TrainState` (call under `jax.jit(..., out_shardings=...)`).
+    `boxed`: keep the parameters' logical-axis boxes (for the state's shardings)."""
+    variables, rng = init_variables(model, batch, seed)
     params = flax.core.unfreeze(variables)["params"]
-    params = flax.linen.meta.unbox(params)
+    if not boxed:
+        params = flax.linen.meta.unbox(params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

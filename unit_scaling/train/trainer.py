@@ -20,7 +20,6 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
@@ -112,12 +111,13 @@ def build(config, make_task: Optional[Callable[[Any], tasks_lib.Task]] = None,
         loss_scale = optimizer_lib.make_loss_scale(train)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             abstract_params = jax.eval_shape(
-                lambda b: task.model.init({"params": jax.random.key(0)}, b, deterministic=True)["params"],
+                lambda b: step_lib.init_variables(task.model, b, config.seed)[0]["params"],
                 example)
             tx = optimizer_lib.from_config(config, abstract_params)
             check_divisible(abstract_params, mesh, rules)
             abstract = jax.eval_shape(
-                functools.partial(_init_boxed, task.model, tx, loss_scale, config.seed), example)
+                functools.partial(step_lib.init_state, task.model, tx, loss_scale,
+                                  seed=config.seed, boxed=True), example)
             shardings = state_shardings(abstract, mesh, rules)
     except BaseException:
         task.close()
@@ -175,16 +175,6 @@ def check_divisible(abstract_boxed_params: Any, mesh, rules) -> None:
                     f"(parameter {jax.tree_util.keystr(path)}, axis {logical!r}); choose mesh "
                     f"sizes that divide {dim}, or a {_AXIS_FIELDS.get(logical, logical)} divisible by "
                     f"{size}")
-
-
-def _init_boxed(model, tx, loss_scale, seed, batch):
-    """Like `step.init_state` but keeps the logical-axis boxes (for shardings)."""
-    init_key, rng = jax.random.split(jax.random.key(seed))
-    params = model.init({"params": init_key}, batch, deterministic=True)["params"]
-    return step_lib.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-        loss_scale=loss_scale, rng=jax.random.key_data(rng),
-    )
 
 
 def evaluate(trainer: Trainer, params, max_batches: int) -> dict:

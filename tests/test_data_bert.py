@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from unit_scaling.batches import MLM_NSP
 from unit_scaling.data import bert_instances as bi
 from unit_scaling.data.tokenizer import CLS_ID, MASK_ID, NUM_SPECIAL_TOKENS, SEP_ID
 
@@ -62,7 +63,7 @@ def corpus_and_instances():
 def test_layout_and_dtypes(corpus_and_instances):
     _, _, _, instances = corpus_and_instances
     for _, inst in instances:
-        assert set(inst) == set(bi.INSTANCE_FIELDS)
+        assert set(inst) == set(MLM_NSP)
         assert inst["input_ids"].shape == (SEQ_LEN,) and inst["masked_lm_ids"].shape == (MAX_PRED,)
         assert inst["masked_lm_weights"].dtype == np.float32 and inst["input_ids"].dtype == np.int32
         n = int(inst["input_mask"].sum())

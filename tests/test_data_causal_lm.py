@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import small_causal_config, take
+from unit_scaling.batches import CAUSAL_LM
 from unit_scaling.data import causal_lm_packing as clm, corpora, pipeline, splits, stats
 from unit_scaling.data import tokenizer as tok
 from unit_scaling.data.tokenizer import CLS_ID, SEP_ID
@@ -31,7 +32,7 @@ def test_packed_rows_keep_documents_apart():
     assert info.element_spec == {k: (v.shape, v.dtype) for k, v in batches[0].items()}
     assert info.bos_id == CLS_ID and info.eos_id == SEP_ID
     for batch in batches:
-        assert set(batch) == set(clm.PACKED_FIELDS) and batch["input_ids"].shape == (8, 64)
+        assert set(batch) == set(CAUSAL_LM) and batch["input_ids"].shape == (8, 64)
         np.testing.assert_array_equal(batch["weights"], batch["segment_ids"] > 0)
         for row in range(8):
             seg = batch["segment_ids"][row]

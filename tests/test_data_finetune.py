@@ -5,6 +5,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from tests.helpers import small_bert_config
+from unit_scaling.batches import CLASSIFICATION
 from unit_scaling.data import corpora, finetune
 from unit_scaling.data.tokenizer import CLS_ID, SEP_ID
 
@@ -70,7 +71,7 @@ def test_train_pipeline_is_shuffled_and_deterministic():
     )
     first, second = next(a), next(b)
     assert all(np.array_equal(first[k], second[k]) for k in first)
-    assert set(first) == set(finetune.FINETUNE_FIELDS) and (first["weight"] == 1).all()
+    assert set(first) == set(CLASSIFICATION) and (first["weight"] == 1).all()
     assert 0 < first["label"].mean() < 1  # shuffled: both testaments in the first batch
     assert info.num_classes == 2
     a.close()

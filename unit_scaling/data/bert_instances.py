@@ -59,7 +59,6 @@ from unit_scaling.data.objectives import (
 from unit_scaling.data.tokenized_corpus import TokenizedCorpus
 from unit_scaling.data.tokenizer import CLS_ID, MASK_ID, NUM_SPECIAL_TOKENS, SEP_ID
 
-INSTANCE_FIELDS = tuple(batches.MLM_NSP)
 MIN_SEQ_LEN = 5  # [CLS] a [SEP] b [SEP]
 
 

@@ -40,7 +40,6 @@ from unit_scaling.errors import ConfigError
 from unit_scaling.data.objectives import DocumentGroupExamples, Objective, PretrainingInputs
 from unit_scaling.data.tokenizer import CLS_ID, SEP_ID
 
-PACKED_FIELDS = tuple(batches.CAUSAL_LM)
 MIN_SEQ_LEN = 2
 
 

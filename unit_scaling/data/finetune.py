@@ -64,7 +64,6 @@ _GLUE = {
     ),
 }
 FINETUNE_TASKS = ("kjv_books", "kjv_testament", *_GLUE)
-FINETUNE_FIELDS = tuple(batches.CLASSIFICATION)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Parameters use the logical names `embed, mlp, heads, kv, vocab` (and `layers`, which
 `nn.scan` adds in front of stacked layer parameters); activations use `batch, length,
 embed, mlp, heads, kv, vocab`. `DEFAULT_RULES` maps them onto a `data, fsdp, tensor`
-mesh; the trainer imports it (one place to change the sharding of the whole model).
+mesh; `configs/common.py` copies it into `config.mesh.rules`, which the trainer uses
+(one place to change the sharding of the whole model).
 
 Parameter shardings: `nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_params),
 mesh, DEFAULT_RULES)`. Activation constraints take effect when the model runs under
@@ -29,8 +30,6 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 """Logical axis -> mesh axes: batch over data x fsdp; parameters' embed over fsdp (ZeRO-3
 style); mlp / heads / vocab over tensor (Megatron); head_dim, length, layers replicated."""
-
-LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "vocab", "layers")
 
 
 def constrain(x: jax.Array, names: Sequence[Optional[str]]) -> jax.Array:

@@ -6,9 +6,12 @@ parameter dtype, the `formats.FormatPolicy` of the linear layers' matmuls (None:
 quantisation), that of the two attention matmuls, and whether the u-μP "critical"
 matmuls (attention output projection, MLP down-projection) stay in the compute dtype.
 
-Loss scaling is not part of it: unit scaling and u-μP need none in any of these
-precisions, and the standard-parametrization baselines choose theirs in the trainer's
-config (`config.train.loss_scale`).
+Loss scaling is not part of it. Whether a run needs one depends on the parametrization
+as much as on the precision (unit scaling and u-μP need none in any of these; SP in
+fp16/fp8 may), and SP without one is itself a measured baseline
+(`experiments/low_precision.py`), so no precision implies a loss scale: the run's
+config says it, default none (`config.train.loss_scale`, `loss_scale_value`,
+`loss_scale_period`; `train.optimizer.make_loss_scale`).
 
 Imports only jax and `unit_scaling.formats`.
 """

@@ -127,17 +127,18 @@ def make_loss_scale(train: Any) -> jmp.LossScale:
     """`train.loss_scale`: "none" (unit scaling and u-μP need none), "static" (multiply
     the loss by `loss_scale_value`) or "dynamic" (start at `loss_scale_value`, halve on
     non-finite gradients and skip the step, double after `loss_scale_period` good
-    steps), as the SP FP16/FP8 baselines of the unit-scaling paper."""
-    kind = train.get("loss_scale", "none")
+    steps), as the SP FP16/FP8 baselines of the unit-scaling paper. The defaults (none,
+    2^15, 2000) are the config's (`configs/common.py`), for every precision."""
+    kind = train.loss_scale
     if kind not in LOSS_SCALES:
         raise ConfigError(f"config.train.loss_scale={kind!r}: use one of {LOSS_SCALES}")
     import jax.numpy as jnp
 
-    value = jnp.float32(train.get("loss_scale_value", 2.0**15))
+    value = jnp.float32(train.loss_scale_value)
     if kind == "static":
         return jmp.StaticLossScale(value)
     if kind == "dynamic":
-        return DynamicLossScale(value, period=train.get("loss_scale_period", 2000))
+        return DynamicLossScale(value, period=train.loss_scale_period)
     return jmp.NoOpLossScale()
 
 

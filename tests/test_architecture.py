@@ -1,7 +1,8 @@
 """The import rules of docs/architecture.md: each package of `unit_scaling` imports
 only the packages its row of the table lists (read from the page itself), so imports
 flow downward and the page stays true. `_extras` (the optional-dependency check) is
-open to every package, as the page says."""
+open to every package, as the page says. Also two rules of #13: no file over 450 lines
+(but functional.py), and no test module importing another."""
 
 import ast
 import pathlib
@@ -75,3 +76,24 @@ def test_allowed_table_is_acyclic():
 
     for package in allowed:
         visit(package, ())
+
+
+def test_no_file_over_450_lines_but_functional():
+    """#13's size rule: a file that outgrows it holds two concepts; split it."""
+    long = [f"{p.relative_to(ROOT)}: {n} lines" for p in sorted(PACKAGE.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 450 and p.name != "functional.py"]
+    assert not long, "\n".join(long)
+
+
+def test_no_test_module_imports_another():
+    """Tests share code through conftest.py and tests/helpers.py, never by importing a
+    test module (which would collect and run its tests twice)."""
+    wrong = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if any(n.split(".")[-1].startswith("test_") for n in names):
+                wrong.append(f"{path.name} imports {names}")
+    assert not wrong, "\n".join(wrong)

@@ -97,8 +97,9 @@ def test_required_dependencies_are_the_core_and_the_rest_are_extras():
     assert "flax" in map(_name, extras["flax"]) and "matplotlib" in map(_name, extras["analysis"])
     train = set(map(_name, extras["train"]))
     assert {"orbax-checkpoint", "grain", "tensorflow-datasets", "unit-scaling-jax"} <= train
-    assert {"equinox", "pdoc", "pytest"} <= set(map(_name, extras["dev"]))
-    assert extras["all"] == ["unit-scaling-jax[flax,analysis,train]"]
+    assert {"equinox", "pdoc", "pytest", "transformers"} <= set(map(_name, extras["dev"]))
+    assert "safetensors" in map(_name, extras["export"])
+    assert extras["all"] == ["unit-scaling-jax[flax,analysis,train,export]"]
 
 
 def test_metadata_version_license_and_typing():

@@ -1,4 +1,5 @@
-"""benchmarks/speed.py: the FP8-GEMM detectors and an end-to-end smoke run."""
+"""benchmarks/speed.py: the FP8-GEMM detectors, the matmul limit and an end-to-end smoke
+run; benchmarks/attention.py: a smoke run."""
 
 import json
 import sys
@@ -105,3 +106,16 @@ def test_speed_smoke(tmp_path):
     assert header.split(" | ")[7] == "ratio to sp" and len(lines) == 2
     assert "MFU vs matmul" in header and "Matmul peak, configs/bert.py:tiny fp32" in markdown
     assert lines[0].split(" | ")[7] == "1.00" and result["markdown"] in markdown
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    import attention
+
+    result = attention.main(["--seq_lens", "16", "--batch", "1", "--heads", "2",
+                             "--head_dim", "8", "--steps", "1", "--out", str(tmp_path)])
+    rows = result["rows"]
+    assert [(r["implementation"], r["seq_len"]) for r in rows] == [("reference", 16), ("xla", 16)]
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0 and rows[1]["temp_bytes"] >= 0
+    saved = json.loads((tmp_path / "attention.json").read_text())
+    assert saved["command"].startswith("python benchmarks/attention.py --seq_lens 16")
+    assert (tmp_path / "attention.md").read_text().startswith("Command: `python benchmarks/")

@@ -628,7 +628,7 @@ def attention_core(
     dropout_key: Optional[Array] = None,
     deterministic: bool = True,
     formats: FormatPolicy = None,
-    implementation: str = "xla",
+    implementation: str = "reference",
 ) -> Array:
     """Attention without unit scales: `softmax(temperature * q k^T + mask) v`.
 
@@ -650,6 +650,9 @@ def attention_core(
     `deterministic`) and without `formats` rounding; elsewhere the reference runs. In
     float32 the two agree to rounding; in bf16 the fused kernels keep the logits in
     float32 where the reference rounds the `q k^T` product to bf16 first.
+    The default is the reference: on CPU jax's XLA kernel was 1.5-2x slower than it
+    at sequence 1024 (benchmarks/attention.py, results/attention_cpu.md); "cudnn" is
+    the one to choose on a GPU.
     """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(
@@ -700,7 +703,7 @@ def scaled_dot_product_attention(
     mult: float = 1.0,
     scale_seq_len: Optional[int] = None,
     formats: FormatPolicy = None,
-    implementation: str = "xla",
+    implementation: str = "reference",
 ) -> Array:
     """Unit-scaled multi-head attention `softmax(mult/d * q k^T + mask) v`.
 
@@ -717,9 +720,9 @@ def scaled_dot_product_attention(
     (rate `p`) applies to the probabilities, with a `dropout_key`, unless
     `deterministic`.
     The scales sit outside the kernel, `attention_core` with `implementation`
-    ("xla": jax's fused XLA attention; "cudnn": cuDNN flash attention on GPU;
-    "reference": the explicit softmax, also used wherever dropout or `formats` are
-    at work).
+    ("reference", the default: the explicit softmax, also used wherever dropout or
+    `formats` are at work; "xla": jax's fused XLA attention; "cudnn": cuDNN flash
+    attention on GPU).
     """
     batch, q_len, heads, d_head = query.shape
     k_len = key.shape[1]

@@ -110,7 +110,7 @@ class StandardOps:
                   segment_ids: Optional[Array] = None, dropout_rate: float = 0.0,
                   dropout_key: Optional[Array] = None, deterministic: bool = True,
                   scale_seq_len: Optional[int] = None, formats: FormatPolicy = None,
-                  implementation: str = "xla") -> Array:
+                  implementation: str = "reference") -> Array:
         """Multi-head attention on `[batch, len, heads, head_dim]` tensors:
         `softmax(q k^T / sqrt(d)) v`, logits and softmax in float32. Masks as
         `U.attention_mask`; `implementation` as `U.attention_core`; `scale_seq_len` is
@@ -257,7 +257,7 @@ class UnitScaledOps(StandardOps):
 
     def attention(self, query, key, value, *, mask=None, causal=False, segment_ids=None,
                   dropout_rate=0.0, dropout_key=None, deterministic=True,
-                  scale_seq_len=None, formats=None, implementation="xla"):
+                  scale_seq_len=None, formats=None, implementation="reference"):
         """`U.scaled_dot_product_attention` with `mult = attention_mult(d)`: output and
         gradients scaled to unit RMS; `scale_seq_len` fixes the scale for KV-cache
         decoding; `implementation` as `U.attention_core`."""

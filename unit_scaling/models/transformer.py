@@ -56,9 +56,9 @@ class TransformerConfig:
     "sinusoidal" | "rope"), `use_bias`, `tie_embeddings`, `dropout`,
     `attention_dropout`.
     Execution: `scan_layers` (nn.scan over layers), `remat_policy` (a key of
-    `REMAT_POLICIES`), `attention_impl` ("xla" | "cudnn" | "reference": the
+    `REMAT_POLICIES`), `attention_impl` ("reference" | "xla" | "cudnn": the
     attention kernel, `U.attention_core`; the fused ones run where no attention
-    dropout and no `fp8_attention` is at work).
+    dropout and no `fp8_attention` is at work; "cudnn" for GPUs).
     """
 
     vocab_size: int = 512
@@ -91,7 +91,7 @@ class TransformerConfig:
     attention_dropout: float = 0.1
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention_impl: str = "xla"
+    attention_impl: str = "reference"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_len"):

@@ -46,8 +46,8 @@ class MultiHeadAttention(ScaledModule):
     at `cache_index`, and queries attend to cached positions `<= their own`. The first
     call (when the cache does not exist yet, e.g. under `init`) just creates it.
 
-    Kernel: `attention_impl` ("xla" | "cudnn" | "reference", `U.attention_core`), the
-    fused attention wherever it is exact (no attention dropout at work, no
+    Kernel: `attention_impl` ("reference" | "xla" | "cudnn", `U.attention_core`): a
+    fused attention runs wherever it is exact (no attention dropout at work, no
     `attention_formats`), else the reference softmax.
 
     Precision: the projections use `precision.formats`, except the output projection
@@ -64,7 +64,7 @@ class MultiHeadAttention(ScaledModule):
     dropout_rate: float = 0.0
     use_bias: bool = True
     decode: bool = False
-    attention_impl: str = "xla"
+    attention_impl: str = "reference"
 
     @nn.compact
     def __call__(

@@ -19,7 +19,10 @@ Reported per row (`speed.json`, `speed.md` in `--out`): compile seconds (lower +
 compile of the step), median step milliseconds over `--steps` steps after `--warmup`
 (blocking on every step's outputs), tokens/s, model FLOPs per step and TFLOP/s
 (`metrics.train_flops_per_step`: matmuls only, fwd + bwd), MFU where the device's peak
-is known, XLA's own FLOP count, memory per device (`compiled.memory_analysis()`:
+is known, the fraction of this machine's own dense matmul peak the step achieves
+("MFU vs matmul", also on CPU: `matmul_peak` times plain `a @ b` in the row's compute
+dtype at the step's projection shapes, in the same run just before the group's steps,
+and takes the best FLOP/s), XLA's own FLOP count, memory per device (`compiled.memory_analysis()`:
 arguments + outputs + temporaries - donated aliases, i.e. what one step needs
 resident; and the device allocator's `peak_bytes_in_use` where the backend has it,
 which is the process's high-water mark so far, not the row's), and for fp8 the number
@@ -63,6 +66,7 @@ from configs import common
 from configs.common import load_config
 from experiments.report import machine, markdown_table
 from unit_scaling.data import pipeline as pipeline_lib
+from unit_scaling.precision import Precision
 from unit_scaling.train import metrics as metrics_lib
 from unit_scaling.train import tasks
 from unit_scaling.train import trainer as trainer_lib
@@ -159,6 +163,48 @@ def make_task(config, real_data: bool = False) -> tasks.Task:
     """`tasks.make_task(config)`, on synthetic batches unless `real_data`."""
     # Only the pipeline is swapped: model and FLOPs stay the trainer's.
     return tasks.make_task(config, pipeline=None if real_data else _synthetic_pipeline)
+
+
+# ----------------------------------------------------------------------------- the limit
+
+
+def step_matmul_shapes(config, devices: int = 1) -> list[tuple[int, int, int]]:
+    """The `(M, K, N)` of the matmuls that dominate `config`'s train step, per device
+    (data parallel: `M` = the device's tokens): the QKV projection `(d, 3d)`, the
+    attention output `(d, d)`, the MLP up `(d, mlp)` and down `(mlp, d)` projections,
+    and the readout `(d, vocab)` on the tokens it sees (BERT: the masked positions).
+    Their backward matmuls have the same sizes, transposed."""
+    model, data = config.model, config.data
+    batch = max(config.train.global_batch_size // devices, 1)
+    tokens = batch * data.seq_len
+    d, mlp = model.d_model, model.mlp_dim
+    readout = batch * data.max_predictions_per_seq if data.objective == "mlm_nsp" else tokens
+    shapes = [(tokens, d, 3 * d), (tokens, d, d), (tokens, d, mlp), (tokens, mlp, d),
+              (readout, d, data.vocab_size)]
+    return list(dict.fromkeys(shapes))
+
+
+def matmul_peak(dtype, shapes: Sequence[tuple[int, int, int]], repeats: int = 5) -> dict:
+    """This machine's dense matmul FLOP/s (one device) in `dtype`: `a @ b` jitted at each
+    `(M, K, N)`, the fastest of `repeats` timed calls after one warm-up, `2 M K N` FLOPs.
+    Returns {"flops_per_s": the best over shapes, "dtype", "shape": where, "by_shape":
+    [[M, K, N, FLOP/s], ...]}."""
+    device = jax.devices()[0]
+    matmul = jax.jit(lambda a, b: a @ b)
+    by_shape = []
+    for m, k, n in shapes:
+        a, b = (jax.device_put(np.random.default_rng(i).standard_normal(shape, np.float32)
+                               .astype(dtype), device) for i, shape in ((0, (m, k)), (1, (k, n))))
+        matmul(a, b).block_until_ready()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            matmul(a, b).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+        by_shape.append([m, k, n, 2.0 * m * k * n / best])
+    top = max(by_shape, key=lambda row: row[3])
+    return {"flops_per_s": top[3], "dtype": np.dtype(dtype).name, "shape": top[:3],
+            "by_shape": by_shape}
 
 
 # ----------------------------------------------------------------------------- fp8 in HLO
@@ -355,8 +401,9 @@ def time_steps(benches: Sequence[Bench], steps: int, warmup: int, interleave: bo
     return "sequential"
 
 
-def summarize(benches: Sequence[Bench], timing: str) -> list[dict]:
-    """The rows of one (config, precision) group, with times and the ratio to sp."""
+def summarize(benches: Sequence[Bench], timing: str, peak: dict | None = None) -> list[dict]:
+    """The rows of one (config, precision) group, with times, the ratio to sp and, with
+    `peak` (`matmul_peak`), the fraction of the machine's matmul peak achieved."""
     sp = next((b for b in benches if b.param == "sp"), None)
     stats = jax.devices()[0].memory_stats() or {}
     rows = []
@@ -377,6 +424,10 @@ def summarize(benches: Sequence[Bench], timing: str) -> list[dict]:
             if row["peak_flops"]:
                 peak = row["peak_flops"] * jax.device_count()
                 row["mfu"] = row["model_flops_per_step"] / step_s / peak
+            if peak is not None:
+                row["matmul_peak"] = peak
+                row["matmul_mfu"] = row["model_flops_per_step"] / step_s / (
+                    peak["flops_per_s"] * jax.device_count())
         if "peak_bytes_in_use" in stats:
             row["device_peak_bytes"] = stats["peak_bytes_in_use"]  # process high-water mark
         rows.append(row)
@@ -473,20 +524,25 @@ def run(args: argparse.Namespace) -> list[dict]:
     for spec, overrides in groups(args):
         for precision in precisions.split(","):
             real_fp8 = args.real_fp8 or args.gpu_suite
-            benches = [compile_step(load(spec, p, precision, overrides, real_fp8),
-                                    args.real_data, spec) for p in params]
+            configs = [load(spec, p, precision, overrides, real_fp8) for p in params]
+            benches = [compile_step(config, args.real_data, spec) for config in configs]
+            peak = matmul_peak(Precision.from_name(precision).dtype,
+                               step_matmul_shapes(configs[0], jax.device_count()))
             timing = time_steps(benches, args.steps, args.warmup, interleave=not args.sequential)
-            rows += summarize(benches, timing)
+            rows += summarize(benches, timing, peak)
             for row in rows[-len(benches):]:
                 ratio = row.get("ratio_to_sp", float("nan"))
                 print(f"{spec} {precision} {row['param']}: compile {row['compile_s']:.1f} s, "
-                      f"step {row['step_s'] * 1e3:.1f} ms, {ratio:.2f} x sp", flush=True)
+                      f"step {row['step_s'] * 1e3:.1f} ms, {ratio:.2f} x sp, "
+                      f"{row.get('matmul_mfu', float('nan')):.1%} of the {peak['dtype']} matmul peak "
+                      f"({peak['flops_per_s'] / 1e9:.1f} GFLOP/s)", flush=True)
             del benches  # frees the compiled steps before the next group compiles
     return rows
 
 
 COLUMNS = ("config", "batch x seq", "precision", "param", "compile s", "step ms", "spread",
-           "ratio to sp", "tokens/s", "TFLOP/s", "MFU", "XLA GiB", "device peak GiB", "fp8 GEMMs")
+           "ratio to sp", "tokens/s", "TFLOP/s", "MFU", "matmul peak TFLOP/s",
+           "MFU vs matmul", "XLA GiB", "device peak GiB", "fp8 GEMMs")
 
 
 def table(rows: Sequence[dict]) -> str:
@@ -499,13 +555,17 @@ def table(rows: Sequence[dict]) -> str:
         "param": r["param"], "compile s": r["compile_s"], "step ms": r["step_s"] * 1e3,
         "spread": f"{r['step_spread']:.0%}", "ratio to sp": r.get("ratio_to_sp"),
         "tokens/s": r["tokens_per_s"], "TFLOP/s": r.get("tflops_per_s"), "MFU": r.get("mfu"),
+        "matmul peak TFLOP/s": r["matmul_peak"]["flops_per_s"] / 1e12 if "matmul_peak" in r
+        else None,
+        "MFU vs matmul": r.get("matmul_mfu"),
         "XLA GiB": r["xla_bytes"] / gib if "xla_bytes" in r else None,
         "device peak GiB": r["device_peak_bytes"] / gib if "device_peak_bytes" in r else None,
         "fp8 GEMMs": (f"{r['fp8_gemms_compiled']} of {r['gemms_compiled']} "
                       f"({r['fp8_matmuls_requested']} asked)") if r["precision"] == "fp8" else None,
     } for r in rows]
     formats = {"compile s": ".1f", "step ms": ".1f", "ratio to sp": ".2f", "tokens/s": ".0f",
-               "TFLOP/s": ".3g", "MFU": ".1%", "XLA GiB": ".3g", "device peak GiB": ".3g"}
+               "TFLOP/s": ".3g", "MFU": ".1%", "matmul peak TFLOP/s": ".3g",
+               "MFU vs matmul": ".1%", "XLA GiB": ".3g", "device peak GiB": ".3g"}
     return markdown_table(cells, COLUMNS, formats)
 
 
@@ -527,7 +587,10 @@ def write(rows: Sequence[dict], args: argparse.Namespace, command: str,
         "so that load from other processes on a shared machine cancels out of it; the absolute "
         "times carry that noise. `XLA GiB`: arguments + outputs + temporaries - donated aliases "
         "of the compiled step. `fp8 GEMMs`: float8 GEMMs in the compiled HLO, of all GEMMs "
-        "there (and the float8 matmuls the program asked for).\n\n"
+        "there (and the float8 matmuls the program asked for). `MFU vs matmul`: model FLOP/s "
+        "over this machine's dense matmul peak in the row's compute dtype, measured in this run "
+        "just before the group's steps at the step's projection shapes (`matmul peak`; the "
+        "best of them); `MFU` is over the accelerator's datasheet peak, where known.\n\n"
         + "".join(f"{note}\n\n" for note in notes)
     )
     with open(paths["md"], "w") as f:
@@ -545,6 +608,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # What else ran on the machine: the absolute times depend on it, the ratios less.
     notes = [f"Load average (1 min): {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
              + f"end, on {os.cpu_count()} CPU cores."]
+    peaks = {(r["config"], r["precision"]): r["matmul_peak"] for r in rows if "matmul_peak" in r}
+    notes += [f"Matmul peak, {config} {precision}: {p['flops_per_s'] / 1e9:.1f} GFLOP/s in "
+              f"{p['dtype']} at (M, K, N) = {tuple(p['shape'])} (of "
+              + ", ".join(f"{tuple(s[:3])} {s[3] / 1e9:.1f}" for s in p["by_shape"]) + ")."
+              for (config, precision), p in peaks.items()]
     sequential = sorted({f"{r['config']} {r['precision']}" for r in rows
                          if r["timing"] == "sequential"})
     if sequential:

@@ -28,7 +28,8 @@ if str(ROOT) not in sys.path:
 # and the generation CLI are applications, documented in the README.
 MODULES = ["unit_scaling", r"!unit_scaling\.(train|data|generate|_)"]  # "!": a regex
 # Functions of `functional` that are helpers, not ops with scales.
-NOT_OPS = {"attention_mask", "attention_output_scale", "logarithmic_interpolation", "rms",
+NOT_OPS = {"ATTENTION_IMPLEMENTATIONS", "attention_core", "attention_mask",
+           "attention_output_scale", "logarithmic_interpolation", "rms",
            "transformer_residual_scaling_rule", "vmap_reduction"}
 # Short names the docstrings use for the package's modules.
 ALIASES = {"U": "unit_scaling.functional", "functional": "unit_scaling.functional",

@@ -1,4 +1,5 @@
-"""benchmarks/speed.py: the FP8-GEMM detectors and an end-to-end smoke run."""
+"""benchmarks/speed.py: the FP8-GEMM detectors, the matmul limit and an end-to-end smoke
+run; benchmarks/attention.py: a smoke run."""
 
 import json
 import sys
@@ -72,6 +73,17 @@ def test_split_configs_and_overrides():
     assert config.model.scan_layers is True and config.model.real_fp8 is True
 
 
+def test_the_matmul_limit_is_measured_at_the_steps_shapes():
+    config = speed.load("configs/bert.py:tiny", "sp", "bf16", {}, real_fp8=False)
+    # batch 64 x seq 64 on 2 devices; d 128, mlp 512, vocab 4096, 10 predictions a row.
+    assert speed.step_matmul_shapes(config, devices=2) == [
+        (2048, 128, 384), (2048, 128, 128), (2048, 128, 512), (2048, 512, 128),
+        (320, 128, 4096)]
+    peak = speed.matmul_peak(jnp.bfloat16, [(8, 16, 32), (16, 16, 16)], repeats=1)
+    assert peak["dtype"] == "bfloat16" and len(peak["by_shape"]) == 2
+    assert peak["flops_per_s"] == max(row[3] for row in peak["by_shape"]) > 0
+
+
 def test_speed_smoke(tmp_path):
     result = speed.main([
         "--configs", "configs/bert.py:tiny", "--params", "sp,umup", "--precisions", "fp32",
@@ -86,9 +98,24 @@ def test_speed_smoke(tmp_path):
         assert len(row["step_times_s"]) == 2 and row["step_s"] > 0 and row["compile_s"] > 0
         assert row["tokens_per_s"] == 8 * 16 / row["step_s"]
         assert row["model_flops_per_step"] > 0 and row["xla_bytes"] > 0
+        assert row["matmul_peak"]["dtype"] == "float32" and row["matmul_mfu"] > 0
     assert rows[0]["ratio_to_sp"] == 1.0 and rows[1]["ratio_to_sp"] > 0
     markdown = (tmp_path / "speed.md").read_text()
     assert markdown.startswith("Command: `python benchmarks/speed.py")
     header, _rule, *lines = result["markdown"].splitlines()
     assert header.split(" | ")[7] == "ratio to sp" and len(lines) == 2
+    assert "MFU vs matmul" in header and "Matmul peak, configs/bert.py:tiny fp32" in markdown
     assert lines[0].split(" | ")[7] == "1.00" and result["markdown"] in markdown
+
+
+def test_attention_benchmark_smoke(tmp_path):
+    import attention
+
+    result = attention.main(["--seq_lens", "16", "--batch", "1", "--heads", "2",
+                             "--head_dim", "8", "--steps", "1", "--out", str(tmp_path)])
+    rows = result["rows"]
+    assert [(r["implementation"], r["seq_len"]) for r in rows] == [("reference", 16), ("xla", 16)]
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 0 and rows[1]["temp_bytes"] >= 0
+    saved = json.loads((tmp_path / "attention.json").read_text())
+    assert saved["command"].startswith("python benchmarks/attention.py --seq_lens 16")
+    assert (tmp_path / "attention.md").read_text().startswith("Command: `python benchmarks/")

@@ -385,8 +385,9 @@ def test_norm_unit_scale(norm):
         assert stat(g) == pytest.approx(1.0, abs=0.1)
 
 
+@pytest.mark.parametrize("implementation", ["reference", "xla"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_attention_scale(causal):
+def test_attention_scale(causal, implementation):
     """Output and value gradient unit; query/key gradients at their predicted value.
 
     In the flat regime (mult^2 << 4 d) the logits gradient of query `i` over its `n_i`
@@ -396,7 +397,8 @@ def test_attention_scale(causal):
     b, s_len, h, d = 4, 256, 4, 64
     q, k, v = (normal(i, (b, s_len, h, d)) for i in range(3))
     out, (gq, gk, gv) = measure(
-        lambda *a: U.scaled_dot_product_attention(*a, causal=causal), q, k, v
+        lambda *a: U.scaled_dot_product_attention(*a, causal=causal,
+                                                  implementation=implementation), q, k, v
     )
     assert stat(out) == pytest.approx(1.0, abs=0.1)
     assert stat(gv) == pytest.approx(1.0, abs=0.1)
@@ -491,6 +493,76 @@ def test_attention_cached_decode_matches_full():
     full = U.scaled_dot_product_attention(q, k, v, causal=True, scale_seq_len=16)
     last = U.scaled_dot_product_attention(q[:, -1:], k, v, causal=True, scale_seq_len=16)
     np.testing.assert_allclose(last[:, 0], full[:, -1], atol=1e-6)
+
+
+# ---------------------------------------------------------------------- fused attention
+
+SEGMENTS = jnp.array([[1] * 5 + [2] * 4 + [0] * 3, [3] * 12])
+PADDING = (jnp.arange(12)[None, :] < jnp.array([[9], [12]]))[:, None, None, :]
+FUSED_CASES = {
+    "plain": dict(),
+    "causal": dict(causal=True),
+    "padding": dict(mask=PADDING),
+    "causal_segments": dict(causal=True, segment_ids=SEGMENTS),
+    "padding_segments": dict(mask=PADDING, segment_ids=SEGMENTS),
+    "umup_mult": dict(causal=True, mult=2.0, scale_seq_len=32),
+}
+
+
+def attention_and_grads(implementation, dtype, q_len=12, **kwargs):
+    """The scaled attention's output and its (query, key, value) gradients."""
+    q = normal(0, (2, q_len, 3, 16), dtype)
+    k, v = (normal(i, (2, 12, 3, 16), dtype) for i in (1, 2))
+    return measure(lambda *a: U.scaled_dot_product_attention(
+        *a, implementation=implementation, **kwargs), q, k, v)
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_attention_matches_reference(case, dtype):
+    """jax.nn.dot_product_attention inside the unit scales: the reference's output and
+    gradients, to 1e-5 in float32. In bf16 the fused kernel keeps the logits in float32
+    where the reference rounds q k^T to bf16 first: within a few bf16 steps."""
+    ref_out, ref_grads = attention_and_grads("reference", dtype, **FUSED_CASES[case])
+    out, grads = attention_and_grads("xla", dtype, **FUSED_CASES[case])
+    tol = 1e-5 if dtype == jnp.float32 else 4e-2
+    for got, want in zip((out, *grads), (ref_out, *ref_grads)):
+        assert got.dtype == want.dtype == dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   atol=tol * max(stat(want), 1.0), rtol=tol)
+
+
+def test_fused_attention_of_a_cache_block_and_of_the_sp_ops():
+    """A block of queries at the end of a longer key sequence (KV-cache decoding: the
+    causal mask aligned at the end), and the standard parametrization's attention."""
+    from unit_scaling.ops import StandardOps
+
+    ref = attention_and_grads("reference", jnp.float32, q_len=4, causal=True, scale_seq_len=16)
+    got = attention_and_grads("xla", jnp.float32, q_len=4, causal=True, scale_seq_len=16)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    q, k, v = (normal(i, (2, 12, 3, 16)) for i in range(3))
+    sp = {impl: StandardOps().attention(q, k, v, causal=True, segment_ids=SEGMENTS,
+                                        implementation=impl) for impl in ("reference", "xla")}
+    np.testing.assert_allclose(sp["xla"], sp["reference"], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_attention_only_where_exact():
+    """Attention dropout at work and FP8 formats take the reference path (the fused
+    kernel has neither): the same numbers as implementation="reference". "cudnn" off
+    a GPU runs the XLA kernel; an unknown name is an error naming the choices."""
+    q, k, v = (normal(i, (2, 12, 3, 16)) for i in range(3))
+    for kwargs in (dict(dropout_rate=0.5, dropout_key=DROP_KEY, deterministic=False),
+                   dict(formats=formats.FP8, causal=True)):
+        ref, fused = (U.scaled_dot_product_attention(q, k, v, implementation=impl, **kwargs)
+                      for impl in ("reference", "xla"))
+        np.testing.assert_array_equal(fused, ref)
+    if jax.default_backend() != "gpu":
+        np.testing.assert_array_equal(
+            U.scaled_dot_product_attention(q, k, v, causal=True, implementation="cudnn"),
+            U.scaled_dot_product_attention(q, k, v, causal=True, implementation="xla"))
+    with pytest.raises(ValueError, match="'reference', 'xla', 'cudnn'"):
+        U.scaled_dot_product_attention(q, k, v, implementation="flash")
 
 
 # --------------------------------------------------------------------------- FP8 switch

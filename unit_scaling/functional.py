@@ -67,7 +67,9 @@ from unit_scaling.scale import (
 )
 
 __all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
     "add",
+    "attention_core",
     "attention_mask",
     "attention_output_scale",
     "cross_entropy",
@@ -602,6 +604,92 @@ def attention_output_scale(
     return (1 - dropout_rate) ** 0.5 / logarithmic_interpolation(alpha, flat, 1.0)
 
 
+ATTENTION_IMPLEMENTATIONS = ("reference", "xla", "cudnn")
+
+
+def _fused_attention_applies(dropout_rate: float, deterministic: bool,
+                             formats: FormatPolicy) -> bool:
+    """Whether a fused kernel computes what the reference does: no attention dropout
+    at work and no rounding of the attention matmuls' operands (`formats`)."""
+    dropping = dropout_rate > 0.0 and not deterministic
+    quantising = formats is not None and (formats.fwd is not None or formats.bwd is not None)
+    return not dropping and not quantising
+
+
+def attention_core(
+    query: Array,
+    key: Array,
+    value: Array,
+    temperature: float,
+    mask: Optional[Array] = None,
+    causal: bool = False,
+    segment_ids: Optional[Array | tuple[Array, Array]] = None,
+    dropout_rate: float = 0.0,
+    dropout_key: Optional[Array] = None,
+    deterministic: bool = True,
+    formats: FormatPolicy = None,
+    implementation: str = "reference",
+) -> Array:
+    """Attention without unit scales: `softmax(temperature * q k^T + mask) v`.
+
+    The kernel inside `scaled_dot_product_attention` (which puts its scales around it)
+    and the standard parametrization's attention. Shapes: query `[batch, q_len, heads,
+    d]`, key and value `[batch, k_len, heads, d]`; output as query. Softmax in float32.
+    Masks as `attention_mask`.
+
+    `implementation` (one of `ATTENTION_IMPLEMENTATIONS`):
+      "reference": explicit logits `[batch, heads, q_len, k_len]` (float32), masked,
+        softmax, matmul; the only path with attention dropout and `formats`.
+      "xla": `jax.nn.dot_product_attention(implementation="xla")`.
+      "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's flash
+        attention (bf16/fp16 on an NVIDIA GPU; memory O(len) with `causal` or no mask,
+        while a `mask` or `segment_ids` become a `[batch, 1, q_len, k_len]` bias); on
+        a backend other than GPU the XLA kernel, so a GPU config also runs on CPU.
+    A fused kernel ("xla", "cudnn") runs only where it computes the reference's
+    function: without attention dropout at work (`dropout_rate > 0` and not
+    `deterministic`) and without `formats` rounding; elsewhere the reference runs. In
+    float32 the two agree to rounding; in bf16 the fused kernels keep the logits in
+    float32 where the reference rounds the `q k^T` product to bf16 first.
+    The default is the reference: on CPU jax's XLA kernel was 1.5-2x slower than it
+    at sequence 1024 (benchmarks/attention.py, results/attention_cpu.md); "cudnn" is
+    the one to choose on a GPU.
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {implementation!r} is unknown; use one of "
+            f"{ATTENTION_IMPLEMENTATIONS}"
+        )
+    q_len, k_len = query.shape[1], key.shape[1]
+    if implementation != "reference" and _fused_attention_applies(
+            dropout_rate, deterministic, formats):
+        # jax's `is_causal` aligns queries at the start; ours at the end (a block of new
+        # queries after a KV cache), so it is only used where the two coincide.
+        is_causal = causal and q_len == k_len
+        full_mask = attention_mask(q_len, k_len, causal and not is_causal, mask, segment_ids)
+        kernel = implementation
+        if kernel == "cudnn" and jax.default_backend() != "gpu":
+            kernel = "xla"
+        return jax.nn.dot_product_attention(
+            query, key, value, mask=full_mask, scale=temperature, is_causal=is_causal,
+            implementation=kernel)
+
+    q = jnp.swapaxes(query, 1, 2)  # [b, h, q, d]
+    k = jnp.transpose(key, (0, 2, 3, 1))  # [b, h, d, k]
+    logits = formats_lib.matmul(q, k, formats).astype(jnp.float32) * temperature
+    full_mask = attention_mask(q_len, k_len, causal, mask, segment_ids)
+    if full_mask is not None:
+        logits = jnp.where(full_mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout_rate > 0.0 and not deterministic:
+        if dropout_key is None:
+            raise ValueError("attention dropout needs a `dropout_key` unless deterministic")
+        keep = jax.random.bernoulli(dropout_key, 1 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1 - dropout_rate), 0.0)
+    v = jnp.swapaxes(value, 1, 2)  # [b, h, k, d]
+    out = formats_lib.matmul(probs.astype(value.dtype), v, formats)
+    return jnp.swapaxes(out, 1, 2)
+
+
 def scaled_dot_product_attention(
     query: Array,
     key: Array,
@@ -615,6 +703,7 @@ def scaled_dot_product_attention(
     mult: float = 1.0,
     scale_seq_len: Optional[int] = None,
     formats: FormatPolicy = None,
+    implementation: str = "reference",
 ) -> Array:
     """Unit-scaled multi-head attention `softmax(mult/d * q k^T + mask) v`.
 
@@ -630,6 +719,10 @@ def scaled_dot_product_attention(
     Masking: see `attention_mask` for `mask`, `causal` and `segment_ids`. Dropout
     (rate `p`) applies to the probabilities, with a `dropout_key`, unless
     `deterministic`.
+    The scales sit outside the kernel, `attention_core` with `implementation`
+    ("reference", the default: the explicit softmax, also used wherever dropout or
+    `formats` are at work; "xla": jax's fused XLA attention; "cudnn": cuDNN flash
+    attention on GPU).
     """
     batch, q_len, heads, d_head = query.shape
     k_len = key.shape[1]
@@ -641,22 +734,10 @@ def scaled_dot_product_attention(
         )
     s = attention_output_scale(scale_seq_len or k_len, d_head, mult, causal, dropout_rate)
     query, key, value = (scale_bwd(t, s) for t in (query, key, value))
-
-    q = jnp.swapaxes(query, 1, 2)  # [b, h, q, d]
-    k = jnp.transpose(key, (0, 2, 3, 1))  # [b, h, d, k]
-    logits = formats_lib.matmul(q, k, formats).astype(jnp.float32) * (mult / d_head)
-    full_mask = attention_mask(q_len, k_len, causal, mask, segment_ids)
-    if full_mask is not None:
-        logits = jnp.where(full_mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    if dropout_rate > 0.0 and not deterministic:
-        if dropout_key is None:
-            raise ValueError("attention dropout needs a `dropout_key` unless deterministic")
-        keep = jax.random.bernoulli(dropout_key, 1 - dropout_rate, probs.shape)
-        probs = jnp.where(keep, probs / (1 - dropout_rate), 0.0)
-    v = jnp.swapaxes(value, 1, 2)  # [b, h, k, d]
-    out = formats_lib.matmul(probs.astype(value.dtype), v, formats)
-    return scale_fwd(jnp.swapaxes(out, 1, 2), s)
+    out = attention_core(
+        query, key, value, mult / d_head, mask, causal, segment_ids, dropout_rate,
+        dropout_key, deterministic, formats, implementation)
+    return scale_fwd(out, s)
 
 
 # ----------------------------------------------------------------------------- losses

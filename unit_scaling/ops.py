@@ -23,6 +23,8 @@ from unit_scaling import functional as U
 from unit_scaling.scale import apply_constraint, scale_bwd, scale_fwd, scale_traced
 
 Array = jax.Array
+# The attention kernels `attention(..., implementation=)` takes (`U.attention_core`).
+ATTENTION_IMPLEMENTATIONS = U.ATTENTION_IMPLEMENTATIONS
 FormatPolicy = Optional[formats_lib.FormatPolicy]
 
 
@@ -107,25 +109,17 @@ class StandardOps:
                   mask: Optional[Array] = None, causal: bool = False,
                   segment_ids: Optional[Array] = None, dropout_rate: float = 0.0,
                   dropout_key: Optional[Array] = None, deterministic: bool = True,
-                  scale_seq_len: Optional[int] = None, formats: FormatPolicy = None) -> Array:
+                  scale_seq_len: Optional[int] = None, formats: FormatPolicy = None,
+                  implementation: str = "reference") -> Array:
         """Multi-head attention on `[batch, len, heads, head_dim]` tensors:
         `softmax(q k^T / sqrt(d)) v`, logits and softmax in float32. Masks as
-        `U.attention_mask`; `scale_seq_len` is unit scaling's (ignored)."""
-        head_dim = query.shape[-1]
-        q_len, k_len = query.shape[1], key.shape[1]
-        q = jnp.swapaxes(query, 1, 2)
-        k = jnp.transpose(key, (0, 2, 3, 1))
-        logits = formats_lib.matmul(q, k, formats).astype(jnp.float32) * (
-            self.attention_mult(head_dim) / head_dim)
-        full_mask = U.attention_mask(q_len, k_len, causal, mask, segment_ids)
-        if full_mask is not None:
-            logits = jnp.where(full_mask, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1)
-        if dropout_rate > 0.0 and not deterministic:
-            keep = jax.random.bernoulli(dropout_key, 1 - dropout_rate, probs.shape)
-            probs = jnp.where(keep, probs / (1 - dropout_rate), 0.0)
-        out = formats_lib.matmul(probs.astype(value.dtype), jnp.swapaxes(value, 1, 2), formats)
-        return jnp.swapaxes(out, 1, 2)
+        `U.attention_mask`; `implementation` as `U.attention_core`; `scale_seq_len` is
+        unit scaling's (ignored)."""
+        return U.attention_core(
+            query, key, value, self.attention_mult(query.shape[-1]) / query.shape[-1],
+            mask=mask, causal=causal, segment_ids=segment_ids, dropout_rate=dropout_rate,
+            dropout_key=dropout_key, deterministic=deterministic, formats=formats,
+            implementation=implementation)
 
     def layer_norm(self, x: Array, weight: Optional[Array], bias: Optional[Array],
                    eps: float) -> Array:
@@ -263,15 +257,15 @@ class UnitScaledOps(StandardOps):
 
     def attention(self, query, key, value, *, mask=None, causal=False, segment_ids=None,
                   dropout_rate=0.0, dropout_key=None, deterministic=True,
-                  scale_seq_len=None, formats=None):
+                  scale_seq_len=None, formats=None, implementation="reference"):
         """`U.scaled_dot_product_attention` with `mult = attention_mult(d)`: output and
         gradients scaled to unit RMS; `scale_seq_len` fixes the scale for KV-cache
-        decoding."""
+        decoding; `implementation` as `U.attention_core`."""
         return U.scaled_dot_product_attention(
             query, key, value, mask=mask, causal=causal, segment_ids=segment_ids,
             dropout_rate=dropout_rate, dropout_key=dropout_key,
             deterministic=deterministic, mult=self.attention_mult(query.shape[-1]),
-            scale_seq_len=scale_seq_len, formats=formats,
+            scale_seq_len=scale_seq_len, formats=formats, implementation=implementation,
         )
 
     def layer_norm(self, x, weight, bias, eps):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unit_scaling.nn.attention import MultiHeadAttention
+from unit_scaling.nn.attention import ATTENTION_IMPLEMENTATIONS, MultiHeadAttention
 from unit_scaling.nn.dropout import Dropout
 from unit_scaling.nn.mlp import ACTIVATIONS, MLP
 from unit_scaling.nn.norm import make_norm
@@ -56,7 +56,9 @@ class TransformerConfig:
     "sinusoidal" | "rope"), `use_bias`, `tie_embeddings`, `dropout`,
     `attention_dropout`.
     Execution: `scan_layers` (nn.scan over layers), `remat_policy` (a key of
-    `REMAT_POLICIES`).
+    `REMAT_POLICIES`), `attention_impl` ("reference" | "xla" | "cudnn": the
+    attention kernel, `U.attention_core`; the fused ones run where no attention
+    dropout and no `fp8_attention` is at work; "cudnn" for GPUs).
     """
 
     vocab_size: int = 512
@@ -89,6 +91,7 @@ class TransformerConfig:
     attention_dropout: float = 0.1
     scan_layers: bool = False
     remat_policy: str = "none"
+    attention_impl: str = "reference"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_len"):
@@ -106,6 +109,7 @@ class TransformerConfig:
             "param": PARAMETRIZATIONS, "activation": ACTIVATIONS,
             "norm": ("layer_norm", "rms_norm"), "norm_position": NORM_POSITIONS,
             "position": POSITION_KINDS, "remat_policy": tuple(REMAT_POLICIES),
+            "attention_impl": ATTENTION_IMPLEMENTATIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -212,7 +216,8 @@ class TransformerLayer(nn.Module):
         attn = MultiHeadAttention(
             cfg.num_heads, causal=self.causal, rope=cfg.position == "rope",
             max_len=cfg.max_len, scale_seq_len_from_max_len=self.causal,
-            dropout_rate=cfg.attention_dropout, decode=self.decode, name="attention", **kw)
+            dropout_rate=cfg.attention_dropout, decode=self.decode,
+            attention_impl=cfg.attention_impl, name="attention", **kw)
         mlp = MLP(cfg.mlp_dim, activation=cfg.activation, name="mlp", **kw)
 
         def attn_fn(h):

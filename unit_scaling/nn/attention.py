@@ -12,6 +12,9 @@ from jax.ad_checkpoint import checkpoint_name
 from unit_scaling.nn.module import ScaledModule
 from unit_scaling.nn.partitioning import constrain
 from unit_scaling.nn.positions import apply_rope
+from unit_scaling.ops import ATTENTION_IMPLEMENTATIONS
+
+__all__ = ["ATTENTION_IMPLEMENTATIONS", "MultiHeadAttention"]
 
 
 class MultiHeadAttention(ScaledModule):
@@ -43,6 +46,10 @@ class MultiHeadAttention(ScaledModule):
     at `cache_index`, and queries attend to cached positions `<= their own`. The first
     call (when the cache does not exist yet, e.g. under `init`) just creates it.
 
+    Kernel: `attention_impl` ("reference" | "xla" | "cudnn", `U.attention_core`): a
+    fused attention runs wherever it is exact (no attention dropout at work, no
+    `attention_formats`), else the reference softmax.
+
     Precision: the projections use `precision.formats`, except the output projection
     (a u-μP critical matmul) under `high_precision_critical`; the two attention
     matmuls use `precision.attention_formats`.
@@ -57,6 +64,7 @@ class MultiHeadAttention(ScaledModule):
     dropout_rate: float = 0.0
     use_bias: bool = True
     decode: bool = False
+    attention_impl: str = "reference"
 
     @nn.compact
     def __call__(
@@ -111,7 +119,7 @@ class MultiHeadAttention(ScaledModule):
             q, k, v, mask=key_mask, causal=self.causal, segment_ids=segment_ids,
             dropout_rate=self.dropout_rate, dropout_key=dropout_key,
             deterministic=deterministic, scale_seq_len=scale_seq_len,
-            formats=prec.attention_formats,
+            formats=prec.attention_formats, implementation=self.attention_impl,
         )
         out = constrain(out, ("batch", "length", "heads", "kv"))
 

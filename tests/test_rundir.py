@@ -11,7 +11,7 @@ import pytest
 from etils.epath import testing as epath_testing
 
 from unit_scaling.train import metrics
-from unit_scaling.train.rundir import RunDir, RunDirError
+from unit_scaling.train.rundir import RunDir, RunDirError, short_reason
 
 
 def fake_gcs(root):
@@ -129,3 +129,21 @@ def test_init_from_must_be_a_pretraining_run_with_a_checkpoint(tmp_path):
         tasks.check_init_from(config)
     config.init_from = fake_run(tmp_path / "bert2", "mlm_nsp", [2])
     tasks.check_init_from(config)  # a finished pretraining run passes
+
+
+def test_short_reason_keeps_the_os_error_of_a_long_or_chained_message():
+    """tensorstore's messages run to hundreds of characters with the OS error inside
+    ("File too large [os_error_code=27]"); a save can also surface as another error
+    raised from it. The one-line reason keeps the OS error either way."""
+    long = ValueError("OUT_OF_RANGE: Error writing in OCDBT at " + "a" * 400
+                      + ": Failed to write 9 bytes: File too large [os_error_code='27'] "
+                      + "[source locations='" + "b" * 300 + "']")
+    assert "File too large" in short_reason(long) and len(short_reason(long)) < 400
+    try:
+        try:
+            raise long
+        except ValueError as cause:
+            raise RuntimeError("Event loop is closed") from cause
+    except RuntimeError as e:
+        assert short_reason(e) == "RuntimeError: Event loop is closed [File too large]"
+    assert short_reason(OSError("disk full")) == "OSError: disk full"

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -335,7 +336,17 @@ def _alive(pid: Any) -> bool:
 def short_reason(e: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (orbax and tensorstore errors run to
     hundreds of lines), with its type."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    message = str(e).strip()
+    text = message.splitlines()[0] if message else ""
     # The cause (e.g. "File too large") is usually at the end of a long message.
     text = text if len(text) <= limit else f"{text[:limit // 2]} ... {text[-limit // 2:]}"
+    # tensorstore names the OS error as "...: File too large [os_error_code=27]", not
+    # always at the end: keep it whatever was cut.
+    chain, link = [], e
+    while link is not None and len(chain) < 8:  # and in the exceptions behind this one
+        chain.append(str(link))
+        link = link.__cause__ or link.__context__
+    for cause in re.findall(r":\s*([^:\[\]]+?)\s*\[os_error_code", "\n".join(chain)):
+        if cause not in text:
+            text += f" [{cause}]"
     return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -19,6 +19,10 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from unit_scaling.precision import LossScaling
+
+_LOSS_SCALING = LossScaling()
+
 # Fields of a model's dataclass that live elsewhere in the config: `param` and
 # `precision` at the top, `vocab_size` in `data`.
 _NOT_IN_MODEL_SECTION = ("param", "precision", "vocab_size")
@@ -145,9 +149,11 @@ TRAIN_BOOKKEEPING = dict(
     grad_accum=1,  # micro-batches per update (global_batch_size is the update's)
     eps=1e-8,
     momentum=0.9,  # sgd
-    loss_scale="none",  # "none" | "static" | "dynamic" (the SP fp16/fp8 baselines)
-    loss_scale_value=2.0**15,
-    loss_scale_period=2000,
+    # "none" | "static" | "dynamic" (the SP fp16/fp8 baselines); the defaults are
+    # `unit_scaling.precision.LossScaling`'s: none, 2^15, 2000.
+    loss_scale=_LOSS_SCALING.kind,
+    loss_scale_value=_LOSS_SCALING.value,
+    loss_scale_period=_LOSS_SCALING.period,
     log_every=50,
     eval_every=500,
     eval_batches=20,

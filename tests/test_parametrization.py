@@ -12,7 +12,7 @@ from unit_scaling import formats
 from unit_scaling import functional as U
 from unit_scaling.ops import StandardOps, UnitScaledOps
 from unit_scaling.parametrization import Parametrization, make_parametrization
-from unit_scaling.precision import Precision
+from unit_scaling.precision import LossScaling, Precision
 
 
 def _normal(seed, shape):
@@ -37,6 +37,21 @@ def test_precision_from_name():
         Precision.from_name("int4")
     with pytest.raises(ValueError, match="param_dtype"):
         Precision.from_name("fp32", param_dtype="float16")
+
+
+def test_loss_scaling_defaults_are_the_configs():
+    """The config's `train.loss_scale*` defaults are `LossScaling`'s: none, 2^15, 2000."""
+    from configs import bert, causal_lm
+
+    assert LossScaling() == LossScaling("none", 2.0**15, 2000)
+    for config in (bert.get_config("tiny"), causal_lm.get_config("tiny")):
+        train = config.train
+        assert LossScaling(train.loss_scale, train.loss_scale_value,
+                           train.loss_scale_period) == LossScaling()
+    for kwargs, field in (({"kind": "auto"}, "loss_scale"), ({"value": 0.0}, "loss_scale_value"),
+                          ({"period": 0}, "loss_scale_period")):
+        with pytest.raises(ValueError, match=f"config.train.{field}="):
+            LossScaling(**kwargs)
 
 
 def test_validation_names_the_field():

@@ -6,12 +6,13 @@ parameter dtype, the `formats.FormatPolicy` of the linear layers' matmuls (None:
 quantisation), that of the two attention matmuls, and whether the u-μP "critical"
 matmuls (attention output projection, MLP down-projection) stay in the compute dtype.
 
-Loss scaling is not part of it. Whether a run needs one depends on the parametrization
-as much as on the precision (unit scaling and u-μP need none in any of these; SP in
-fp16/fp8 may), and SP without one is itself a measured baseline
-(`experiments/low_precision.py`), so no precision implies a loss scale: the run's
-config says it, default none (`config.train.loss_scale`, `loss_scale_value`,
-`loss_scale_period`; `train.optimizer.make_loss_scale`).
+`LossScaling` holds the loss-scaling defaults (none; 2^15; double after 2000 good
+steps). They are not a field of `Precision`, and no precision implies a loss scale:
+whether a run needs one depends on the parametrization as much as on the precision
+(unit scaling and u-μP need none in any of these; SP in fp16/fp8 may), and SP without
+one is itself a measured baseline (`experiments/low_precision.py`). The config's
+`train.loss_scale*` fields take their defaults from it (`configs/common.py`), and
+`train.optimizer.make_loss_scale` turns them into a `jmp` loss scale.
 
 Imports only jax and `unit_scaling.formats`.
 """
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from unit_scaling import formats as formats_lib
 
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
+LOSS_SCALES = ("none", "static", "dynamic")
 PARAM_DTYPES = ("float32", "bfloat16")
 _COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16,
                    "fp8": jnp.bfloat16}
@@ -90,3 +92,32 @@ class Precision:
             attention_formats=policy if fp8_attention else None,
             high_precision_critical=high_precision_critical,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class LossScaling:
+    """How the loss is multiplied before the backward pass (the SP fp16/fp8 baselines).
+
+    Fields (config: `train.loss_scale`, `train.loss_scale_value`, `train.loss_scale_period`):
+      kind: "none" (unit scaling and u-μP need none), "static" (multiply the loss by
+        `value`, divide the gradients by it) or "dynamic" (start at `value`, halve it
+        and skip the step on non-finite gradients, double it after `period` finite ones).
+      value: 2^15, the static scale of the unit-scaling paper's FP16/FP8 SP baselines:
+        it lifts SP's smallest gradients (RMS ~1e-7 at batch 64) above E5M2's 2^-16
+        flush point while the largest stay far below FP16's 65504.
+      period: 2000 good steps before a dynamic scale doubles (the usual mixed-precision
+        setting, jmp's and PyTorch's GradScaler's).
+    """
+
+    kind: str = "none"
+    value: float = 2.0**15
+    period: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.kind not in LOSS_SCALES:
+            raise ValueError(f"config.train.loss_scale={self.kind!r}: use one of {LOSS_SCALES}")
+        if not self.value > 0:
+            raise ValueError(f"config.train.loss_scale_value={self.value!r}: must be > 0 "
+                             "(2^15 is the usual start)")
+        if self.period < 1:
+            raise ValueError(f"config.train.loss_scale_period={self.period!r}: must be >= 1")

@@ -20,10 +20,10 @@ import optax
 from unit_scaling import optim
 from unit_scaling.errors import ConfigError
 from unit_scaling.params import param_meta
+from unit_scaling.precision import LossScaling
 
 OPTIMIZERS = ("adamw", "lamb", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
-LOSS_SCALES = ("none", "static", "dynamic")
 
 
 def learning_rate_schedule(train: Any) -> optax.Schedule:
@@ -124,21 +124,21 @@ def make_optimizer(
 
 
 def make_loss_scale(train: Any) -> jmp.LossScale:
-    """`train.loss_scale`: "none" (unit scaling and u-μP need none), "static" (multiply
-    the loss by `loss_scale_value`) or "dynamic" (start at `loss_scale_value`, halve on
-    non-finite gradients and skip the step, double after `loss_scale_period` good
-    steps), as the SP FP16/FP8 baselines of the unit-scaling paper. The defaults (none,
-    2^15, 2000) are the config's (`configs/common.py`), for every precision."""
-    kind = train.loss_scale
-    if kind not in LOSS_SCALES:
-        raise ConfigError(f"config.train.loss_scale={kind!r}: use one of {LOSS_SCALES}")
+    """The `jmp` loss scale of `train.loss_scale` ("none" | "static" | "dynamic"),
+    `loss_scale_value` and `loss_scale_period`: see `precision.LossScaling`, which
+    validates them and holds their defaults."""
+    try:
+        scaling = LossScaling(kind=train.loss_scale, value=float(train.loss_scale_value),
+                              period=int(train.loss_scale_period))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     import jax.numpy as jnp
 
-    value = jnp.float32(train.loss_scale_value)
-    if kind == "static":
+    value = jnp.float32(scaling.value)
+    if scaling.kind == "static":
         return jmp.StaticLossScale(value)
-    if kind == "dynamic":
-        return DynamicLossScale(value, period=train.loss_scale_period)
+    if scaling.kind == "dynamic":
+        return DynamicLossScale(value, period=scaling.period)
     return jmp.NoOpLossScale()
 
 

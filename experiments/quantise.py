@@ -6,7 +6,7 @@ sp and u-μP models (issue #14, items 3-4).
   python -m experiments.quantise --models bert_tiny --seeds 0 --low_rank_seeds 0
 
 The runs (`--runs_dir`, default `runs/quantise`): tiny BERT (`configs/bert.py:tiny`, 600
-steps) and the tiny causal LM (`configs/causal_lm.py:tiny`, `--causal_steps` 250 of its
+steps) and the tiny causal LM (`configs/causal_lm.py:tiny`, `--causal_steps` 100 of its
 1000, to fit the box), each under sp and umup, seeds `--seeds`. Both parametrizations
 use the same architecture: pre-norm RMSNorm, SwiGLU, RoPE, no biases (BERT's sp gets
 `configs/bert.py`'s PRE_NORM overrides; the causal LM has it already). mini BERT
@@ -22,19 +22,23 @@ accuracy for the causal LM) over `--eval_batches` held-out batches with
 - the causal LM's KV cache in fp8 and int8, (a) and (b) (scales per token and head);
 - for the seeds in `--low_rank_seeds`: the attention and MLP projections at rank
   fractions `--rank_fractions` of min(fan_in, fan_out), without and with a
-  `--finetune_steps` fine-tune (relative Adam, `compress.recover`), and the same
-  fine-tune of the dense model (rank 1) as the control.
+  `--finetune_steps` fine-tune (relative Adam, `compress.recover`; none with
+  `--finetune_steps 0`), and the same fine-tune of the dense model (rank 1) as the
+  control.
 
 The claim under test (#14): u-μP models lose less than SP under a plain cast, because
 their weights sit near RMS 1 while SP's (std ~0.02) sit in E4M3's subnormals and on a
 handful of int8 steps. Outputs in `--out` (default `experiments/results/quantise`):
 `results.json`, `results.md` (tables below) and `low_rank.png` (eval loss against the
-projections' parameter count).
+projections' parameter count). Rows of runs outside the grid asked for are kept from
+an earlier `results.json` in `--out`, with their commands, so the grid can be
+evaluated in parts as its runs finish.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -83,7 +87,7 @@ def evaluate_run(args, model: str, param: str, seed: int) -> list[dict]:
     if seed in args.low_rank_seeds:
         for fraction in args.rank_fractions:
             grid.append(("low_rank", Compression(rank_fraction=fraction)))
-        for fraction in (*args.rank_fractions, 1.0):
+        for fraction in (*args.rank_fractions, 1.0) if args.finetune_steps else ():
             grid.append(("low_rank", Compression(rank_fraction=fraction,
                                                  finetune_steps=args.finetune_steps)))
     rows = []
@@ -171,6 +175,21 @@ def plot_low_rank(rows: list[dict], path: str) -> Optional[str]:
     return report.save_figure(fig, path)
 
 
+def merge_previous(out: str, rows: list[dict], grid: list, command: str):
+    """`(rows, commands)`: these rows plus those of an earlier `results.json` in `out`
+    for runs outside this grid (so the grid can be evaluated in parts as runs finish),
+    and the commands that made them."""
+    path = os.path.join(out, "results.json")
+    if not os.path.exists(path):
+        return rows, [command]
+    with open(path) as f:
+        previous = json.load(f)
+    done = {(m, p, s) for m, p, s in grid}
+    kept = [r for r in previous["rows"] if (r["model"], r["param"], r["seed"]) not in done]
+    commands = [c for c in previous["command"].split(" ; ") if c != command] if kept else []
+    return kept + rows, commands + [command]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="bert_tiny,clm_tiny")
@@ -180,7 +199,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rank_fractions", default="0.5,0.25")
     parser.add_argument("--finetune_steps", type=int, default=50)
     parser.add_argument("--eval_batches", type=int, default=10)
-    parser.add_argument("--causal_steps", type=int, default=250)
+    parser.add_argument("--causal_steps", type=int, default=100)
     parser.add_argument("--runs_dir", default="runs/quantise")
     parser.add_argument("--out", default="experiments/results/quantise")
     parser.add_argument("--print", action="store_true", help="print the train commands")
@@ -205,10 +224,11 @@ def main(argv=None) -> None:
         rows += evaluate_run(args, *g)
     command = "python -m experiments.quantise " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    rows, commands = merge_previous(args.out, rows, grid, command)
     text = markdown(rows)
     if missing:
         text += "\nNot run (no checkpoint): " + ", ".join(missing) + "\n"
-    paths = report.write_results(args.out, rows, text, command)
+    paths = report.write_results(args.out, rows, text, " ; ".join(commands))
     plot = plot_low_rank(rows, os.path.join(args.out, "low_rank.png"))
     print(text)
     print("wrote", *paths.values(), plot or "")

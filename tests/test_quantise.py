@@ -192,3 +192,23 @@ def test_bad_combinations_name_the_flag(kwargs, objective, message):
         compress.Compression(**kwargs).check(objective)
     with pytest.raises(ValueError, match="kv_cache_scales='per_channel' needs an 8-bit"):
         dataclasses.replace(lm().config, kv_cache="bf16", kv_cache_scales="per_channel")
+
+
+def test_evaluate_a_trained_run_under_each_compression(tmp_path):
+    from tests.helpers import run, tiny
+    from unit_scaling.evaluate import Evaluator
+
+    run(tiny("causal_lm", steps=2, checkpoint_every=2), tmp_path)
+    evaluator = Evaluator(str(tmp_path), eval_batches=1)
+    try:
+        fp32 = evaluator(compress.Compression())
+        int8 = evaluator(compress.Compression(weights="int8", scales="per_channel",
+                                              kv_cache="int8"))
+        low = evaluator(compress.Compression(rank_fraction=0.5, finetune_steps=2))
+    finally:
+        evaluator.close()
+    assert int8["weight_bytes"] < fp32["weight_bytes"] / 3.5
+    assert int8["kv_bytes_per_token"] < fp32["kv_bytes_per_token"] / 3
+    assert abs(int8["loss"] - fp32["loss"]) < 0.05 * fp32["loss"]
+    assert low["projection_params"] < fp32["projection_params"]
+    assert len(low["finetune_losses"]) == 2 and np.isfinite(low["loss"])

@@ -56,6 +56,8 @@ def error_line(done) -> str:
     ("generate-missing", "does not exist; pass the --workdir of a train.py run"),
     ("analysis-missing", "does not exist; pass the --workdir of a train.py run"),
     ("data-unknown-field", "error: --config.data.seq_lenn: no such config field"),
+    ("generate-bad-combination", "error: --scales=per_channel applies to 8-bit storage"),
+    ("evaluate-bad-combination", "error: --rank_fraction=0.5 with --weights=int8"),
 ])
 def test_configuration_and_input_errors_are_one_line_exit_2(tmp_path, extra, expected):
     workdir = tmp_path / "run"
@@ -64,6 +66,12 @@ def test_configuration_and_input_errors_are_one_line_exit_2(tmp_path, extra, exp
         cmd = command(workdir, *TINY)
     elif extra == "generate-missing":
         cmd = command(workdir, program=("-m", "unit_scaling.generate"))
+    elif extra == "generate-bad-combination":  # refused before the workdir is read
+        cmd = command(workdir, "--weights=bf16", "--scales=per_channel",
+                      program=("-m", "unit_scaling.generate"))
+    elif extra == "evaluate-bad-combination":
+        cmd = command(workdir, "--weights=int8", "--rank_fraction=0.5",
+                      program=("-m", "unit_scaling.evaluate"))
     elif extra == "analysis-missing":
         cmd = command(workdir, f"--out={tmp_path}", program=("-m", "unit_scaling.analysis"))
     elif extra == "data-unknown-field":

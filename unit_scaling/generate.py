@@ -8,15 +8,29 @@ Rebuilds the model from `RUN/config.json`, loads the run's own tokenizer
 latest checkpoint and decodes with the KV cache. A prompt is encoded as the pipeline
 encodes a document (`[CLS]` then its pieces); generation stops at the end-of-document
 `[SEP]`. Temperature 0 is greedy.
+
+Smaller models (`unit_scaling.compress`, the flags of `unit_scaling.evaluate`):
+
+  python -m unit_scaling.generate --workdir runs/lm-tiny --weights int8 \
+      --scales per_channel --kv_cache fp8
+
+`--weights bf16|fp8|int8` stores the weights in that format (`--scales none`: a plain
+cast; `per_channel`: absmax scales per output channel) and dequantises them inside
+each decode step; `--kv_cache bf16|fp8|int8` stores keys and values so (`--scales`
+per token and head); `--rank_fraction F` replaces the projections by rank-F SVD
+factors. Bad combinations fail before anything loads, naming the flag.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import numpy as np
 from absl import app, flags
 
-from unit_scaling import errors
+from unit_scaling import compress, errors
+from unit_scaling.evaluate import compression_from_flags, define_compression_flags
 from unit_scaling.errors import ConfigError
 from unit_scaling.data import corpora
 from unit_scaling.data.tokenizer import CLS_ID, SEP_ID, Tokenizer, tokenizer_from_config
@@ -24,8 +38,10 @@ from unit_scaling.models import causal_lm
 from unit_scaling.train import tasks
 from unit_scaling.train.rundir import RunDir, RunDirError
 
-def load_run(workdir: str):
-    """`(model, params, tokenizer, config)` of the latest checkpoint of a causal-LM run."""
+def load_run(workdir: str, compression: compress.Compression = compress.Compression()):
+    """`(model, params, tokenizer, config)` of the latest checkpoint of a causal-LM run;
+    the model has `compression`'s KV cache (its weights are the caller's:
+    `compress.compress(params, compression)`)."""
     run = RunDir(workdir)
     config = run.read_config()  # RunDirError: missing, or not a train.py run
     if config.data.objective != "causal_lm":
@@ -34,13 +50,15 @@ def load_run(workdir: str):
     if not run.checkpoint_steps():
         raise RunDirError(f"--workdir {workdir} has no checkpoint yet in {run.checkpoints}; "
                           "let the run save one (checkpoint_every, or its last step)")
+    compression.check(config.data.objective)
     if run.tokenizer.exists():  # the tokenizer the run trained with
         tokenizer = Tokenizer.load(run.tokenizer)
     else:  # a run from before workdirs kept their tokenizer
         corpus = None if config.data.tokenizer_path else corpora.load_corpus(
             config.data.corpus, tfds_data_dir=config.data.tfds_data_dir or None)
         tokenizer = tokenizer_from_config(config.data, corpus)
-    model = causal_lm.CausalLM(tasks.model_config(config, config.data.vocab_size))
+    model = causal_lm.CausalLM(dataclasses.replace(
+        tasks.model_config(config, config.data.vocab_size), **compression.model_fields()))
     params, _ = run.restore_params()
     return model, params, tokenizer, config
 
@@ -69,6 +87,7 @@ def _define_flags() -> None:
     flags.DEFINE_float("top_p", None, "Sample from the smallest set with this mass.")
     flags.DEFINE_integer("num_samples", 1, "Samples to draw.")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    define_compression_flags(finetune=False)
 
 
 @errors.reported
@@ -77,13 +96,15 @@ def main(argv):
     f = flags.FLAGS
     if f.max_new_tokens < 1:  # before loading anything
         check_lengths(0, f.max_new_tokens, 1)
-    model, params, tokenizer, _ = load_run(f.workdir)
+    compression = compression_from_flags()
+    model, params, tokenizer, _ = load_run(f.workdir, compression)
+    params, prepare = compress.compress(params, compression)
     prompt = np.concatenate([[CLS_ID], tokenizer.encode(f.prompt)]).astype(np.int32)
     check_lengths(len(prompt), f.max_new_tokens, model.config.max_len)
     prompts = np.tile(prompt[None], (f.num_samples, 1))
     new = causal_lm.generate(
         model, params, prompts, f.max_new_tokens, jax.random.key(f.seed),
-        temperature=f.temperature, top_k=f.top_k, top_p=f.top_p,
+        temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, prepare=prepare,
     )
     for row in np.asarray(new):
         end = np.flatnonzero(row == SEP_ID)

@@ -18,12 +18,14 @@ gradients near RMS 1 by construction, i.e. in the middle of FP8's range, so a pl
 cast with no per-tensor scale works: these functions are stateless (no amax history,
 no delayed scaling, no loss scale) and the policy is a static, hashable Python object.
 
-Modules: `unit_scaling.formats.quantisation` (formats, `quantise`, real casts) and
-`unit_scaling.formats.policy` (`FormatPolicy` and its `matmul`); every name is
-importable from `unit_scaling.formats`.
+Modules: `unit_scaling.formats.quantisation` (formats, `quantise`, real casts),
+`unit_scaling.formats.policy` (`FormatPolicy` and its `matmul`) and
+`unit_scaling.formats.storage` (a tensor stored in fp8/int8/bf16 with optional
+per-channel scales, for post-training quantisation); every name is importable from
+`unit_scaling.formats`.
 """
 
-from unit_scaling.formats import policy, quantisation
+from unit_scaling.formats import policy, quantisation, storage
 from unit_scaling.formats.policy import FP8, FormatPolicy, matmul
 from unit_scaling.formats.quantisation import (
     BF16,
@@ -40,4 +42,7 @@ from unit_scaling.formats.quantisation import (
     saturating_cast,
 )
 
-__all__ = [*quantisation.__all__, *policy.__all__]
+from unit_scaling.formats.storage import (
+    PLAIN_INT8_SCALE, SCALINGS, STORAGE_FORMATS, Stored, round_trip, store)
+
+__all__ = [*quantisation.__all__, *policy.__all__, *storage.__all__]

@@ -20,7 +20,8 @@ the (static) output scale is the same for a full forward and for cached decoding
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+import functools
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -121,6 +122,50 @@ class CausalLM(nn.Module):
         return loss, dict(loss=loss, accuracy=accuracy)
 
 
+def init_cache(model: CausalLM, batch: int) -> Any:
+    """The empty KV cache ("cache" collection, unboxed) of `model` for `batch` rows:
+    `[batch, max_len, heads, head_dim]` keys and values per layer in the format of
+    `config.kv_cache`, and the write index."""
+    decoder = model.clone(decode=True)
+    ids = jnp.zeros((batch, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda: decoder.init(jax.random.key(0), ids, method=CausalLM.logits))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes["cache"]))
+
+
+def _decode_logits(model, params, cache, ids, start, prepare):
+    """Last-position logits `[B, V]` of `ids [B, n]` written at cache slots
+    `start..start+n-1`, and the updated cache."""
+    params = prepare(params) if prepare is not None else nn.unbox(params)
+    pos = jnp.broadcast_to(start + jnp.arange(ids.shape[1])[None], ids.shape)
+    logits, mutated = model.clone(decode=True).apply(
+        {"params": params, "cache": cache}, ids, positions=pos, method=CausalLM.logits,
+        mutable=["cache"])
+    return logits[:, -1], mutated["cache"]
+
+
+_STATIC = ("model", "prepare", "temperature", "top_k", "top_p")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
+def prefill(params, cache, prompt_ids, rng, *, model, prepare=None, temperature=1.0,
+            top_k=None, top_p=None):
+    """`(first new token [B], cache)`: the whole prompt `[B, P]` in one forward that
+    fills cache slots `0..P-1`. Compiles once per prompt shape."""
+    logits, cache = _decode_logits(model, params, cache, prompt_ids, 0, prepare)
+    return sample_logits(logits, rng, temperature, top_k, top_p), cache
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("cache",))
+def decode_step(params, cache, token, position, rng, *, model, prepare=None,
+                temperature=1.0, top_k=None, top_p=None):
+    """`(next token [B], cache)` from one token `[B]` at `position` (a traced int32, so
+    one compilation serves every position); the prompt is read from the cache, never
+    recomputed. `prepare(params) -> params` runs inside the jit (e.g. dequantising
+    weights stored in 8 bits); it must be hashable (a module-level function)."""
+    logits, cache = _decode_logits(model, params, cache, token[:, None], position, prepare)
+    return sample_logits(logits, rng, temperature, top_k, top_p), cache
+
+
 def generate(
     model: CausalLM,
     params: Any,
@@ -132,16 +177,18 @@ def generate(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     use_cache: bool = True,
+    prepare: Optional[Callable[[Any], Any]] = None,
 ) -> jax.Array:
     """Samples `max_new_tokens` after `prompt_ids [B, P]` (all rows the same length);
     returns the new tokens `[B, max_new_tokens]` (int32).
 
-    `params`: the model's "params" collection (boxed or unboxed). temperature 0 is
-    greedy. `use_cache=True` prefills the KV cache with the prompt in one call, then
-    feeds one token per step (a `lax.scan`); `use_cache=False` recomputes the full
-    causal forward over a fixed `[B, P + max_new_tokens]` buffer each step (a
-    reference for tests; same result because the attention scale uses `max_len`).
-    Requires `P + max_new_tokens <= max_len` and no dropout at decode time.
+    `params`: the model's "params" collection (boxed or unboxed), or what `prepare`
+    turns into it inside the jitted steps. temperature 0 is greedy. `use_cache=True`
+    runs `prefill` (the prompt in one call) then one `decode_step` per new token;
+    `use_cache=False` recomputes the full causal forward over a fixed
+    `[B, P + max_new_tokens]` buffer each step (a reference for tests; same result
+    because the attention scale uses `max_len`). Requires `P + max_new_tokens <=
+    max_len` and no dropout at decode time.
     """
     c = model.config
     batch, prompt_len = prompt_ids.shape
@@ -150,51 +197,30 @@ def generate(
         raise ValueError(
             f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) > max_len={c.max_len}"
         )
-    params = nn.unbox(params)
-    prompt_ids = prompt_ids.astype(jnp.int32)
+    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     rngs = jax.random.split(rng, max_new_tokens)
-
-    def pick(logits, key):
-        return sample_logits(logits, key, temperature, top_k, top_p)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
 
     if not use_cache:
+        full = prepare(params) if prepare is not None else nn.unbox(params)
         tokens = jnp.zeros((batch, total), jnp.int32).at[:, :prompt_len].set(prompt_ids)
 
         def step(tokens, xs):
             t, key = xs
-            logits = model.apply({"params": params}, tokens, method=CausalLM.logits)
+            logits = model.apply({"params": full}, tokens, method=CausalLM.logits)
             last = jax.lax.dynamic_index_in_dim(logits, t - 1, axis=1, keepdims=False)
-            nxt = pick(last, key)
+            nxt = sample_logits(last, key, **sampling)
             return jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, t)), nxt
 
         steps = jnp.arange(prompt_len, total)
         _, new = jax.lax.scan(step, tokens, (steps, rngs))
         return new.T
 
-    decoder = model.clone(decode=True)
-    shapes = jax.eval_shape(
-        lambda: decoder.init(jax.random.key(0), prompt_ids[:, :1], method=CausalLM.logits)
-    )
-    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes["cache"]))
-
-    def run(cache, ids, start):
-        pos = start + jnp.arange(ids.shape[1])[None]
-        pos = jnp.broadcast_to(pos, ids.shape)
-        logits, mutated = decoder.apply({"params": params, "cache": cache}, ids,
-                                        positions=pos, method=CausalLM.logits,
-                                        mutable=["cache"])
-        return logits[:, -1], mutated["cache"]
-
-    last, cache = run(cache, prompt_ids, 0)
-    first = pick(last, rngs[0])
-
-    def step(carry, xs):
-        cache, tok = carry
-        t, key = xs
-        logits, cache = run(cache, tok[:, None], t)
-        nxt = pick(logits, key)
-        return (cache, nxt), nxt
-
-    steps = jnp.arange(prompt_len, total - 1)
-    _, rest = jax.lax.scan(step, (cache, first), (steps, rngs[1:]))
-    return jnp.concatenate([first[:, None], rest.T], axis=1)
+    kw = dict(model=model, prepare=prepare, **sampling)
+    token, cache = prefill(params, init_cache(model, batch), prompt_ids, rngs[0], **kw)
+    new = [token]
+    for t in range(prompt_len, total - 1):
+        token, cache = decode_step(params, cache, token, jnp.int32(t), rngs[t - prompt_len + 1],
+                                   **kw)
+        new.append(token)
+    return jnp.stack(new, axis=1)

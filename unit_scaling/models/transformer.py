@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unit_scaling.nn.attention import ATTENTION_IMPLEMENTATIONS, MultiHeadAttention
+from unit_scaling.nn.attention import (ATTENTION_IMPLEMENTATIONS, SCALINGS, STORAGE_FORMATS,
+                                       MultiHeadAttention)
 from unit_scaling.nn.dropout import Dropout
 from unit_scaling.nn.mlp import ACTIVATIONS, MLP
 from unit_scaling.nn.norm import make_norm
@@ -55,6 +56,11 @@ class TransformerConfig:
     "rms_norm"), `norm_position` ("pre" | "post"), `position` ("learned" |
     "sinusoidal" | "rope"), `use_bias`, `tie_embeddings`, `dropout`,
     `attention_dropout`.
+    Inference: `kv_cache` ("none" | "bf16" | "fp8" | "int8": keys and values stored
+    in that format, `unit_scaling.formats.storage`; the full forward rounds them the
+    same way, so its loss is that of cached decoding) and `kv_cache_scales` ("none" |
+    "per_channel": one absmax scale per token and head). Not for training (the 8-bit
+    round trip has no gradient rule).
     Execution: `scan_layers` (nn.scan over layers), `remat_policy` (a key of
     `REMAT_POLICIES`), `attention_impl` ("reference" | "xla" | "cudnn": the
     attention kernel, `U.attention_core`; the fused ones run where no attention
@@ -92,6 +98,8 @@ class TransformerConfig:
     scan_layers: bool = False
     remat_policy: str = "none"
     attention_impl: str = "reference"
+    kv_cache: str = "none"
+    kv_cache_scales: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_len"):
@@ -110,6 +118,7 @@ class TransformerConfig:
             "norm": ("layer_norm", "rms_norm"), "norm_position": NORM_POSITIONS,
             "position": POSITION_KINDS, "remat_policy": tuple(REMAT_POLICIES),
             "attention_impl": ATTENTION_IMPLEMENTATIONS,
+            "kv_cache": ("none", *STORAGE_FORMATS), "kv_cache_scales": SCALINGS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -120,6 +129,9 @@ class TransformerConfig:
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.kv_cache in ("none", "bf16") and self.kv_cache_scales != "none":
+            raise ValueError(f"kv_cache_scales={self.kv_cache_scales!r} needs an 8-bit "
+                             "kv_cache ('fp8' or 'int8')")
         self.numerics  # raises on unknown precision / param_dtype names
         self.parametrization  # raises on bad mults / names
 
@@ -217,7 +229,8 @@ class TransformerLayer(nn.Module):
             cfg.num_heads, causal=self.causal, rope=cfg.position == "rope",
             max_len=cfg.max_len, scale_seq_len_from_max_len=self.causal,
             dropout_rate=cfg.attention_dropout, decode=self.decode,
-            attention_impl=cfg.attention_impl, name="attention", **kw)
+            attention_impl=cfg.attention_impl, kv_cache=cfg.kv_cache,
+            kv_cache_scales=cfg.kv_cache_scales, name="attention", **kw)
         mlp = MLP(cfg.mlp_dim, activation=cfg.activation, name="mlp", **kw)
 
         def attn_fn(h):

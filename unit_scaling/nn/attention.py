@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from unit_scaling.formats.storage import SCALINGS, STORAGE_FORMATS, round_trip, store
 from unit_scaling.nn.module import ScaledModule
 from unit_scaling.nn.partitioning import constrain
 from unit_scaling.nn.positions import apply_rope
 from unit_scaling.ops import ATTENTION_IMPLEMENTATIONS
 
-__all__ = ["ATTENTION_IMPLEMENTATIONS", "MultiHeadAttention"]
+__all__ = ["ATTENTION_IMPLEMENTATIONS", "MultiHeadAttention", "SCALINGS", "STORAGE_FORMATS"]
 
 
 class MultiHeadAttention(ScaledModule):
@@ -46,6 +47,13 @@ class MultiHeadAttention(ScaledModule):
     at `cache_index`, and queries attend to cached positions `<= their own`. The first
     call (when the cache does not exist yet, e.g. under `init`) just creates it.
 
+    `kv_cache` ("bf16" | "fp8" | "int8", `formats.storage`): the cache holds keys and
+    values (after RoPE) in that format, with `kv_cache_scales="per_channel"` one
+    float32 absmax scale per token and head (`cached_key_scale`,
+    `cached_value_scale` `[batch, max_len, heads, 1]`); attention reads them back in
+    the compute dtype. Without `decode`, k and v take the same round trip, so a full
+    forward computes what cached decoding computes.
+
     Kernel: `attention_impl` ("reference" | "xla" | "cudnn", `U.attention_core`): a
     fused attention runs wherever it is exact (no attention dropout at work, no
     `attention_formats`), else the reference softmax.
@@ -65,6 +73,8 @@ class MultiHeadAttention(ScaledModule):
     use_bias: bool = True
     decode: bool = False
     attention_impl: str = "reference"
+    kv_cache: str = "none"
+    kv_cache_scales: str = "none"
 
     @nn.compact
     def __call__(
@@ -111,6 +121,8 @@ class MultiHeadAttention(ScaledModule):
         key_mask = None if mask is None else mask.astype(bool)[:, None, None, :]
         if self.decode:
             k, v, key_mask, segment_ids = self._update_cache(k, v, key_mask, segment_ids)
+        elif self.kv_cache != "none":  # what the cache would give back
+            k, v = (round_trip(t, self.kv_cache, self.kv_cache_scales, (-1,)) for t in (k, v))
 
         dropout_key = None
         if self.dropout_rate > 0.0 and not deterministic:
@@ -143,16 +155,34 @@ class MultiHeadAttention(ScaledModule):
             raise ValueError("decode=True does not support segment_ids (one sequence per row)")
         batch, length, h, dh = k.shape
         initialised = self.has_variable("cache", "cached_key")
-        cached_k = self.variable("cache", "cached_key", jnp.zeros,
-                                 (batch, self.max_len, h, dh), k.dtype)
-        cached_v = self.variable("cache", "cached_value", jnp.zeros,
-                                 (batch, self.max_len, h, dh), v.dtype)
         index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        i = index.value
+        read = []
+        for name, new in (("cached_key", k), ("cached_value", v)):
+            stored = (store(new, self.kv_cache, self.kv_cache_scales, (-1,))
+                      if self.kv_cache != "none" else None)
+            values = self.variable("cache", name, jnp.zeros, (batch, self.max_len, h, dh),
+                                   new.dtype if stored is None else stored.values.dtype)
+            scale = None
+            if stored is not None and stored.scale is not None:
+                scale = self.variable("cache", f"{name}_scale", jnp.ones,
+                                      (batch, self.max_len, h, 1), jnp.float32)
+            if not initialised:
+                continue
+            if stored is None:
+                values.value = jax.lax.dynamic_update_slice(values.value, new, (0, i, 0, 0))
+                read.append(values.value)
+                continue
+            values.value = jax.lax.dynamic_update_slice(values.value, stored.values,
+                                                        (0, i, 0, 0))
+            if scale is not None:
+                scale.value = jax.lax.dynamic_update_slice(scale.value, stored.scale,
+                                                           (0, i, 0, 0))
+            cache = type(stored)(values.value, None if scale is None else scale.value,
+                                 stored.fmt)
+            read.append(cache.dequantise(new.dtype))
         if not initialised:
             return k, v, key_mask, segment_ids
-        i = index.value
-        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
-        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
         index.value = i + length
         # Query j (at position i + j) sees cache slots <= i + j; with causal=True the
         # end-aligned causal mask is a superset of this one, so the attention scale is
@@ -161,4 +191,4 @@ class MultiHeadAttention(ScaledModule):
         cache_mask = visible[None, None]
         if key_mask is not None:
             raise ValueError("decode=True does not support a padding mask")
-        return cached_k.value, cached_v.value, cache_mask, None
+        return read[0], read[1], cache_mask, None

@@ -69,7 +69,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="the budget of the SP lr sweep (0: the middle of --budgets)")
     p.add_argument("--eval_batches", type=int, default=24, help="held-out batches per eval")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap refits")
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits")
     p.add_argument("--workdir", default="runs/scaling_law", help="one subdirectory per run")
     p.add_argument("--out", default="experiments/results/scaling_law",
                    help="fit.json, results.md, results.json and the figure go here")

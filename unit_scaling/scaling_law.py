@@ -118,7 +118,8 @@ def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray,
     grad = np.array([np.sum(slope * weights[0]), np.sum(slope * weights[1]),
                      np.sum(slope * weights[2]), -np.sum(slope * weights[0] * log_n),
                      -np.sum(slope * weights[1] * log_d)])
-    return float(value.sum()), grad
+    # In units of delta^2: the values are ~1e-6 otherwise, below L-BFGS-B's tolerances.
+    return float(value.sum()) / HUBER_DELTA ** 2, grad / HUBER_DELTA ** 2
 
 
 def _inits(log_n: np.ndarray, log_d: np.ndarray, log_loss: np.ndarray,
@@ -157,8 +158,7 @@ def fit(n: Sequence[float], d: Sequence[float], loss: Sequence[float],
     for x0 in (inits if inits is not None else _inits(log_n, log_d, log_loss)):
         res = minimize(_objective, np.clip(x0, low, high), args=(log_n, log_d, log_loss),
                        jac=True, method="L-BFGS-B", bounds=list(zip(low, high)),
-                       # the Huber values are tiny (residuals ~1e-2): tolerances to match
-                       options={"ftol": 1e-15, "gtol": 1e-12, "maxiter": 2000})
+                       options={"ftol": 1e-12, "gtol": 1e-8, "maxiter": 1000})
         if best is None or res.fun < best.fun:
             best = res
     a, b, e, alpha, beta = best.x

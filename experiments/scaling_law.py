@@ -272,18 +272,25 @@ def plot(args, umup: Sequence[dict], sp_best: Sequence[dict], fitted: dict | Non
     cmap_n = {n: plt.get_cmap("plasma")(i / max(len(ns) - 1, 1) * 0.85) for i, n in enumerate(ns)}
     for n in ns:
         mine = sorted((r for r in umup if r["N"] == n and r["loss"] is not None), key=lambda r: r["C"])
+        if not mine:
+            continue
         ax_c.plot([r["C"] for r in mine], [r["loss"] for r in mine], "o-", color=cmap_n[n], lw=0.8,
                   markersize=4, label=f"u-μP N = {n / 1e3:.0f}k")
     for n in sorted({r["N"] for r in sp_best}):
         mine = sorted((r for r in sp_best if r["N"] == n and r["loss"] is not None),
                       key=lambda r: r["C"])
+        if not mine:
+            continue
         ax_c.plot([r["C"] for r in mine], [r["loss"] for r in mine], "x--", color=cmap_n.get(n, "k"),
                   lw=0.8, label=f"SP N = {n / 1e3:.0f}k")
     if fitted:
-        cs = [r["C"] for r in umup]
-        grid_c = np.geomspace(min(cs) / 2, max(cs) * 2, 100)
-        opt = [fitted["law"].loss(*fitted["law"].compute_optimal(c)) for c in grid_c]
-        ax_c.plot(grid_c, opt, "k-", lw=1.5, label="fit: compute-optimal frontier")
+        # The frontier only where the compute and its optimal N lie in the fitted range.
+        cs = [r["C"] for r in umup if r["loss"] is not None]
+        frontier = [(c, fitted["law"].compute_optimal(c)) for c in np.geomspace(min(cs), max(cs), 100)]
+        frontier = [(c, float(fitted["law"].loss(n, d))) for c, (n, d) in frontier
+                    if ns[0] <= n <= ns[-1]]
+        if frontier:
+            ax_c.plot(*zip(*frontier), "k-", lw=1.5, label="fit: compute-optimal frontier")
     ax_c.set(xscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="eval loss",
              title="loss vs compute")
     for ax in (ax_n, ax_c):

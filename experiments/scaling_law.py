@@ -43,7 +43,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from experiments import report, sweep
-from experiments.lr_transfer import FAST_COMPILE, SWEEP_LOG, fmt_pow2, load_run, parse_log2
+from experiments.lr_transfer import FAST_COMPILE, SWEEP_LOG, fmt_pow2, load_run, parse_log2, timing
 from unit_scaling import scaling_law as sl
 from unit_scaling.train.rundir import RunDir
 
@@ -341,9 +341,8 @@ def _markdown(args, umup, sp, sp_best, fitted, check) -> str:
                      f"it with mean absolute error {check['mean_abs_error']:.3f} nats "
                      f"({100 * check['mean_rel_error']:.1f}%): {cases}.")
     lines += _sp_section(args, umup, sp, sp_best)
-    run_s = sum(r["run_s"] or 0.0 for r in [*umup, *sp])
     lines.append(f"\nRuns finished: {sum(r['loss'] is not None for r in [*umup, *sp])} of "
-                 f"{len(umup) + len(sp)}; sum of their training times {run_s / 60:.1f} min.")
+                 f"{len(umup) + len(sp)}. " + timing(args, [*umup, *sp]))
     return "\n".join(lines) + "\n"
 
 

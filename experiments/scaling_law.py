@@ -287,10 +287,12 @@ def plot(args, umup: Sequence[dict], sp_best: Sequence[dict], fitted: dict | Non
         # The frontier only where the compute and its optimal N lie in the fitted range.
         cs = [r["C"] for r in umup if r["loss"] is not None]
         frontier = [(c, fitted["law"].compute_optimal(c)) for c in np.geomspace(min(cs), max(cs), 100)]
-        frontier = [(c, float(fitted["law"].loss(n, d))) for c, (n, d) in frontier
-                    if ns[0] <= n <= ns[-1]]
+        frontier = [(c, n, d) for c, (n, d) in frontier if ns[0] <= n <= ns[-1]]
         if frontier:
-            ax_c.plot(*zip(*frontier), "k-", lw=1.5, label="fit: compute-optimal frontier")
+            beyond = max(d for _, _, d in frontier) > max(r["D"] for r in umup)
+            ax_c.plot([c for c, _, _ in frontier],
+                      [float(fitted["law"].loss(n, d)) for _, n, d in frontier], "k--", lw=1.5,
+                      label="fit: compute-optimal" + (" (D beyond the runs')" if beyond else ""))
     ax_c.set(xscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="eval loss",
              title="loss vs compute")
     for ax in (ax_n, ax_c):

@@ -148,6 +148,12 @@ TRAIN_BOOKKEEPING = dict(
     loss_scale="none",  # "none" | "static" | "dynamic" (the SP fp16/fp8 baselines)
     loss_scale_value=2.0**15,
     loss_scale_period=2000,
+    # Storage of the Adam moments: "" = the parameters' dtype (optax's default),
+    # "float32" | "bfloat16" (the update math stays float32); see train/optimizer.py.
+    moment_dtype="",
+    # How an update is rounded into bfloat16 parameters (`model.param_dtype`):
+    # "nearest" | "stochastic" (unbiased; formats.quantise with a per-step key).
+    param_rounding="nearest",
     log_every=50,
     eval_every=500,
     eval_batches=20,

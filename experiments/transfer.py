@@ -22,7 +22,9 @@ from the same base run (the causal LM at `--width`, `--layers`, `--batch`, `--st
 Each axis is `lr_transfer`'s sweep with `--axis` set (the same points, runner, loss,
 fitted optimum and report), in `WORKDIR/AXIS` and `OUT/AXIS` (`AXIS.png`: loss against
 lr per axis value). The runs train parametrization by parametrization (all axes of the
-first, then the next), so an interrupted or partial sweep has the first one whole.
+first, then the next), so an interrupted or partial sweep has the first one whole;
+the base run (every axis at its base value: the same config) trains once and is
+copied into the other axes' directories.
 `OUT/results.md` and `OUT/transfer.png` summarise: the fitted optimum of every axis
 value, in octaves from the axis' first value, per parametrization.
 
@@ -38,10 +40,11 @@ import argparse
 import copy
 import math
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 
-from experiments import lr_transfer, report
+from experiments import lr_transfer, report, sweep
 
 AXES = ("depth", "batch", "steps")
 # Per scale: the base run, each axis' values, and the XLA fast compile (CPU only).
@@ -89,6 +92,31 @@ def axis_args(args: argparse.Namespace, axis: str) -> argparse.Namespace:
     one.axis, one.values = axis, args.axis_values[axis]
     one.workdir, one.out = os.path.join(args.workdir, axis), os.path.join(args.out, axis)
     return one
+
+
+_BASE = {"depth": "layers", "batch": "batch", "steps": "steps"}  # each axis' base flag
+
+
+def reuse_base_runs(args: argparse.Namespace, param: str) -> int:
+    """Copies each finished base run (every axis at its base value: the same config)
+    into the other axes' directories that lack it, so that it trains once, not once
+    per axis; returns how many were copied."""
+    copied = 0
+    for lr in args.lrs[param]:
+        dirs = []
+        for axis in args.axes:
+            one = axis_args(args, axis)
+            base = getattr(args, _BASE[axis])
+            if base in one.values:
+                point = {"param": param, **lr_transfer.axis_point(one, base),
+                         "config.train.lr": repr(lr)}
+                dirs.append(lr_transfer.point_dir(one, point))
+        done = next((d for d in dirs if sweep.finished(d)), None)
+        for d in dirs:
+            if done and not os.path.exists(d):
+                shutil.copytree(done, d)
+                copied += 1
+    return copied
 
 
 def summary(args: argparse.Namespace, results: dict[str, dict], command: str) -> dict:
@@ -169,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report_only:
         for param in args.params:  # the first parametrization whole before the next
             for axis in args.axes:
+                if not args.print:
+                    reuse_base_runs(args, param)
                 one = axis_args(args, axis)
                 lr_transfer.run_sweep(one, lr_transfer.points(one, [param]), extra, command)
         if args.print:

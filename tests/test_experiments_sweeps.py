@@ -369,3 +369,18 @@ def test_param_dtype_state_bytes_halve_with_bf16(tmp_path):
     # two moments per parameter (in the moment dtype), plus a few int32 step counts
     counters = {n: s["opt_bytes"] - 2 * s["params_bytes"] for n, s in sizes.items()}
     assert counters["fp32"] == counters["bf16"] and 0 < counters["fp32"] <= 16
+
+
+def test_transfer_trains_the_base_run_once(tmp_path):
+    from experiments import transfer
+
+    args, _ = transfer.parse_args(["--params", "umup", "--umup_lrs=-1", "--steps", "8",
+                                   "--step_values", "4,8", "--workdir", str(tmp_path)])
+    depth = transfer.axis_args(args, "depth")
+    (point,) = [p for p in lr_transfer.points(depth) if p["config.model.num_layers"] == "2"]
+    assert transfer.reuse_base_runs(args, "umup") == 0  # nothing finished yet
+    _fake_run(lr_transfer.point_dir(depth, point), 3.0)
+    assert transfer.reuse_base_runs(args, "umup") == 2  # into batch=16 and steps=8
+    assert sweep.finished(str(tmp_path / "batch" / "param=umup,train.global_batch_size=16,train.lr=0.5"))
+    assert sweep.finished(str(tmp_path / "steps" / "param=umup,train.steps=8,train.lr=0.5"))
+    assert transfer.reuse_base_runs(args, "umup") == 0

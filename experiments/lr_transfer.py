@@ -293,7 +293,9 @@ def build_report(args: argparse.Namespace, command: str) -> dict:
             optima.append({"param": param, ax: value,
                            "best_lr": best and best["x"], "loss": best and best["loss"],
                            "fit_lr": best and best["x_fit"], "edge": bool(best and best["edge"]),
-                           "runs": f"{sum(r['status'] == 'done' for r in mine)}/{len(mine)}"})
+                           "runs": f"{sum(r['status'] == 'done' for r in mine)}/{len(mine)}",
+                           # every lr trained or failed: the optimum is not a partial grid's
+                           "complete": all(r["status"] != "unfinished" for r in mine)})
     figure = plot(args, rows, optima)
     markdown = _markdown(args, rows, optima)
     saved = ([{"kind": "optimum", **o} for o in optima]
@@ -307,10 +309,10 @@ def build_report(args: argparse.Namespace, command: str) -> dict:
 
 def shift(optima: Sequence[dict], param: str, axis: str) -> dict | None:
     """How far `param`'s optimum moves along the axis, from its first to its last
-    value with a result: `{"from", "to", "grid", "fit", "fit_span"}` in octaves of lr
-    (`fit`: between the fitted minima, None where either end has none; `fit_span`: the
-    largest minus the smallest fitted minimum over every value that has one)."""
-    found = [o for o in optima if o["param"] == param and o["best_lr"]]
+    value whose lr grid is complete: `{"from", "to", "grid", "fit", "fit_span"}` in
+    octaves of lr (`fit`: between the fitted minima, None where either end has none;
+    `fit_span`: the largest minus the smallest fitted minimum over the complete values)."""
+    found = complete_optima(optima, param)
     if len(found) < 2:
         return None
     a, b = found[0], found[-1]
@@ -318,6 +320,11 @@ def shift(optima: Sequence[dict], param: str, axis: str) -> dict | None:
     return {"from": a[axis], "to": b[axis], "grid": math.log2(b["best_lr"] / a["best_lr"]),
             "fit": math.log2(b["fit_lr"] / a["fit_lr"]) if a["fit_lr"] and b["fit_lr"] else None,
             "fit_span": max(fits) - min(fits) if len(fits) >= 2 else None}
+
+
+def complete_optima(optima: Sequence[dict], param: str) -> list[dict]:
+    """`param`'s optima whose lr grid finished (no run missing), in axis order."""
+    return [o for o in optima if o["param"] == param and o["best_lr"] and o["complete"]]
 
 
 def plot(args: argparse.Namespace, rows: Sequence[dict], optima: Sequence[dict]) -> str:

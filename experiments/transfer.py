@@ -129,8 +129,8 @@ def summary(args: argparse.Namespace, results: dict[str, dict], command: str) ->
             rows.append({"axis": axis, "param": param, **(moved or {}),
                          "values": ",".join(map(str, args.axis_values[axis])),
                          "runs": _runs_done(result["optima"], param),
-                         "edge": [o[axis] for o in result["optima"]
-                                  if o["param"] == param and o["edge"]]})
+                         "edge": [o[axis] for o in lr_transfer.complete_optima(
+                                      result["optima"], param) if o["edge"]]})
     figure = _plot(args, results)
     fmt = {"grid": "+g", "fit": "+.2f", "fit_span": ".2f"}
     table = [{**r, "edge at": ",".join(map(str, r["edge"]))} for r in rows]
@@ -142,7 +142,7 @@ def summary(args: argparse.Namespace, results: dict[str, dict], command: str) ->
         "vertex of a parabola in log2(lr) through the grid minimum and its neighbours); "
         "`fit_span`: largest minus smallest fitted minimum over the axis; `edge at`: axis "
         "values whose minimum is at the end of the lr grid (the true optimum may lie "
-        "beyond). Per-axis tables and figures: " + ", ".join(
+        "beyond). Only axis values whose lr grid finished count. Per-axis tables and figures: " + ", ".join(
             f"[{a}]({a}/results.md)" for a in results) + ". Figure: `transfer.png`.",
         "",
         report.markdown_table(table, ["axis", "param", "values", "from", "to", "grid", "fit",
@@ -169,7 +169,7 @@ def _plot(args: argparse.Namespace, results: dict[str, dict]) -> str:
     markers = {"sp": "s", "umup": "o"}
     for ax, (axis, result) in zip(axes[0], results.items()):
         for param in args.params:
-            found = [o for o in result["optima"] if o["param"] == param and o["best_lr"]]
+            found = lr_transfer.complete_optima(result["optima"], param)
             if not found:
                 continue
             base = found[0]["fit_lr"] or found[0]["best_lr"]

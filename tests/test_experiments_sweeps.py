@@ -310,15 +310,17 @@ def test_transfer_report_from_fake_runs(tmp_path, capsys):
                                        k != "config.train.lr")]), float(point["config.train.lr"])
             # sp's optimum falls one octave per doubling of depth; u-μP's stays at 2^-1
             opt = (-7 - math.log2(value / 2) if axis == "depth" else -8) if point["param"] == "sp" else -1
+            if point["param"] == "sp" and axis == "depth" and value == 8 and lr == 2.0**-6:
+                continue  # an unfinished grid: depth 8 does not count for sp
             _fake_run(lr_transfer.point_dir(one, point), 3 + 0.1 * (math.log2(lr) - opt) ** 2,
                       steps=value if axis == "steps" else 8)
     assert transfer.main([*argv, "--report_only"]) == 0
     saved = json.loads(_read(tmp_path / "out" / "results.json"))
     moves = {(r["axis"], r["param"]): r for r in saved["rows"]}
-    assert moves["depth", "sp"]["grid"] == -2 and math.isclose(moves["depth", "sp"]["fit"], -2)
+    assert moves["depth", "sp"]["grid"] == -1 and math.isclose(moves["depth", "sp"]["fit"], -1)
     assert moves["depth", "umup"]["grid"] == 0 and moves["batch", "sp"]["grid"] == 0
-    assert moves["depth", "sp"]["runs"] == "15/15"
-    assert "| depth | sp | 2,4,8 | 2 | 8 | -2 | -2.00 |" in _read(tmp_path / "out" / "results.md")
+    assert moves["depth", "sp"]["runs"] == "14/15" and moves["depth", "umup"]["to"] == 8
+    assert "| depth | sp | 2,4,8 | 2 | 4 | -1 | -1.00 |" in _read(tmp_path / "out" / "results.md")
     for axis in transfer.AXES:
         assert (tmp_path / "out" / axis / f"{axis}.png").stat().st_size > 0
         assert f"Optimum per {axis}" in _read(tmp_path / "out" / axis / "results.md")

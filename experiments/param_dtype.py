@@ -170,12 +170,11 @@ def _markdown(args: argparse.Namespace, rows: Sequence[dict]) -> str:
                 "opt state MiB": first.get("opt_bytes") and first["opt_bytes"] / 2**20,
                 "params+opt MiB": state / 2**20 if state else None,
                 "runs": f"{len(losses)}/{len(mine)}"})
-    heads = args.widths[0] // args.head_dim
     return "\n".join([
         f"Causal LM under u-μP (`{lr_transfer.CONFIG}`"
         + "".join(f" `{e}`" for e in args.extra)
-        + f"): widths {', '.join(map(str, args.widths))} (head dim {args.head_dim}, "
-        f"mlp_dim = {args.mlp_ratio} x d_model; {heads}+ heads), {args.layers} layers, vocab "
+        + f"): widths {', '.join(map(str, args.widths))} (heads of dim {args.head_dim}, "
+        f"mlp_dim = {args.mlp_ratio} x d_model), {args.layers} layers, vocab "
         f"{args.vocab}, batch {args.batch} x seq {args.seq_len}, {args.steps} steps (warmup 10%, "
         f"cosine to 0), peak lr 2^{args.lr:g}, float32 compute, seeds "
         f"{', '.join(map(str, args.seeds))}. Loss: mean train loss over the last "

@@ -154,6 +154,12 @@ TRAIN_BOOKKEEPING = dict(
     loss_scale=_LOSS_SCALING.kind,
     loss_scale_value=_LOSS_SCALING.value,
     loss_scale_period=_LOSS_SCALING.period,
+    # Storage of the Adam moments: "" = the parameters' dtype (optax's default),
+    # "float32" | "bfloat16" (the update math stays float32); see train/optimizer.py.
+    moment_dtype="",
+    # How an update is rounded into bfloat16 parameters (`model.param_dtype`):
+    # "nearest" | "stochastic" (unbiased; formats.quantise with a per-step key).
+    param_rounding="nearest",
     log_every=50,
     eval_every=500,
     eval_batches=20,

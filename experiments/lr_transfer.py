@@ -1,4 +1,5 @@
-r"""Learning-rate transfer across width (the u-μP paper's Figure 1, in miniature).
+r"""Learning-rate transfer across width, or depth, batch size or training length (the
+u-μP paper's Figure 1, in miniature).
 
   python -m experiments.lr_transfer                      # train, then report
   python -m experiments.lr_transfer --print              # the train.py commands only
@@ -12,12 +13,15 @@ r"""Learning-rate transfer across width (the u-μP paper's Figure 1, in miniatur
       --out experiments/results/lr_transfer_bert -- --config.model.norm_position=post \
       --config.model.norm=layer_norm --config.model.activation=gelu \
       --config.model.position=learned --config.model.use_bias=true  # BERT, its architecture
+  python -m experiments.lr_transfer --axis depth --values 2,4,8 --width 64  # another axis
 
 The causal LM (`configs/causal_lm.py`: pre-norm RMSNorm, RoPE, SwiGLU) at several
 widths, each trained at a grid of peak learning rates (powers of 2) under standard
 parametrization (`sp`) and u-μP (`umup`). Width scales `d_model`, the number of heads
 (fixed head dim) and `mlp_dim` (a fixed multiple of d_model) together; depth, data,
-steps and seed are the same for every point. `--config` trains another config the
+steps and seed are the same for every point. `--axis depth|batch|steps` sweeps the
+number of layers, the global batch size or the training steps instead (at `--width`;
+`experiments/transfer.py` runs the three). `--config` trains another config the
 same way (`configs/bert.py:tiny`: MLM+NSP; its `model.max_len` follows `--seq_len` and
 `data.max_predictions_per_seq` is 15% of it); flags after `--` go to every run. Every run trains in
 `WORKDIR/param=P,model.d_model=D,...,train.lr=LR` (see `experiments/sweep.py`; an
@@ -57,12 +61,14 @@ DEFAULT_LOG2_LRS = {"sp": "-12,-10,-8,-6,-4", "umup": "-5,-3,-1,1,3"}
 
 
 def add_common_flags(parser: argparse.ArgumentParser, name: str) -> None:
-    """Flags both experiments share: the training run of every point, the output."""
+    """Flags every lr experiment shares: the training run of every point, the output."""
     parser.add_argument("--steps", type=int, default=60, help="training steps per run")
     parser.add_argument("--batch", type=int, default=16, help="global batch size")
     parser.add_argument("--seq_len", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=1024, help="BPE vocabulary size")
     parser.add_argument("--layers", type=int, default=2, help="transformer layers")
+    parser.add_argument("--width", type=int, default=64,
+                        help="d_model where the width is not swept")
     parser.add_argument("--head_dim", type=int, default=16, help="d_model / num_heads")
     parser.add_argument("--mlp_ratio", type=int, default=3, help="mlp_dim / d_model")
     parser.add_argument("--seed", type=int, default=0)
@@ -87,9 +93,45 @@ def add_common_flags(parser: argparse.ArgumentParser, name: str) -> None:
                         help="collect and plot the runs already in --workdir")
 
 
+def add_lr_flags(parser: argparse.ArgumentParser, name: str,
+                 log2_lrs: dict[str, str] = DEFAULT_LOG2_LRS) -> None:
+    """The flags of an lr sweep along an axis: parametrizations, config, lr grids, and
+    `add_common_flags`."""
+    parser.add_argument("--params", default="sp,umup", help="parametrizations")
+    parser.add_argument("--config", default=CONFIG,
+                        help="config file[:arg] of every run, as for train.py (e.g. "
+                             "configs/bert.py:tiny); flags after `--` go to every run")
+    for param in PARAMS:
+        parser.add_argument(f"--{param}_lrs", default=log2_lrs[param],
+                            help=f"log2 of the {param} peak learning rates")
+    add_common_flags(parser, name)
+
+
+def finish_lr_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   extra: list[str]) -> argparse.Namespace:
+    """Checks and converts the flags of `add_lr_flags` (lists, lr grids) in place."""
+    if args.metric == "eval" and not args.eval_batches:
+        parser.error("--metric eval needs --eval_batches N > 0")
+    args.params = args.params.split(",")
+    args.lrs = {p: parse_log2(getattr(args, f"{p}_lrs")) for p in PARAMS}
+    args.extra = extra
+    return args
+
+
 def parse_log2(text: str) -> list[float]:
     """`"-3,-1,1"` -> `[0.125, 0.5, 2.0]` (exact powers of 2)."""
     return [2.0 ** float(v) for v in text.split(",") if v.strip()]
+
+
+def parse_ints(text: str, flag: str) -> list[int]:
+    """`"2,4,8"` -> `[2, 4, 8]`, or an error naming `flag`."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag} {text!r}: expected positive integers like 2,4,8") from None
+    if not values or min(values) <= 0:
+        raise SystemExit(f"{flag} {text!r}: expected positive integers like 2,4,8")
+    return values
 
 
 def fmt_pow2(x: float) -> str:
@@ -106,23 +148,48 @@ def width_point(width: int, head_dim: int, mlp_ratio: int) -> dict[str, str]:
             "config.model.mlp_dim": str(mlp_ratio * width)}
 
 
-def common_overrides(args: argparse.Namespace) -> list[str]:
-    """Flags every run of the sweep gets: short runs, per-step logging, no checkpoints."""
-    bert = ([f"--config.model.max_len={args.seq_len}",
-             f"--config.data.max_predictions_per_seq={max(1, round(0.15 * args.seq_len))}"]
-            if "bert" in os.path.basename(config_of(args)) else [])
-    return [*bert,
-        f"--config.seed={args.seed}",
-        f"--config.train.steps={args.steps}",
-        f"--config.train.global_batch_size={args.batch}",
-        f"--config.data.seq_len={args.seq_len}",
-        f"--config.data.vocab_size={args.vocab}",
-        f"--config.model.num_layers={args.layers}",
-        "--config.train.log_every=1",
-        f"--config.train.eval_every={args.steps if args.eval_batches else 0}",
-        f"--config.train.eval_batches={max(args.eval_batches, 1)}",
-        "--config.train.checkpoint_every=0",
-    ]
+# The axes an lr sweep moves along, and what each changes (the others stay at their
+# flags: --width, --layers, --batch, --steps). Depth is the model's own rule: under
+# u-μP the residual taus and the depth^-1/2 lr factor follow `model.num_layers`.
+AXES = {
+    "width": "d_model, with the heads (fixed head dim) and mlp_dim (fixed multiple)",
+    "depth": "transformer layers (u-μP: residual taus and lr factors follow the depth)",
+    "batch": "global batch size in sequences (same steps: more tokens)",
+    "steps": "training steps (warmup 10% and the cosine decay follow them)",
+}
+_AXIS_KEYS = {"depth": "config.model.num_layers", "batch": "config.train.global_batch_size",
+              "steps": "config.train.steps"}
+
+
+def axis_point(args: argparse.Namespace, value: int) -> dict[str, str]:
+    """The overrides that put the sweep's axis (`args.axis`) at `value`."""
+    if args.axis == "width":
+        return width_point(value, args.head_dim, args.mlp_ratio)
+    return {_AXIS_KEYS[args.axis]: str(value)}
+
+
+def common_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The overrides every run of the sweep gets (the fixed settings; short runs,
+    per-step logging, no checkpoints), keyed like a point's. `run_sweep` drops those a
+    point sets itself (the swept axis)."""
+    bert = ({"config.model.max_len": str(args.seq_len),
+             "config.data.max_predictions_per_seq": str(max(1, round(0.15 * args.seq_len)))}
+            if "bert" in os.path.basename(config_of(args)) else {})
+    return {**bert,
+        "config.seed": str(args.seed),
+        "config.train.steps": str(args.steps),
+        "config.train.global_batch_size": str(args.batch),
+        "config.data.seq_len": str(args.seq_len),
+        "config.data.vocab_size": str(args.vocab),
+        "config.model.num_layers": str(args.layers),
+        # (a swept width sets its own; --width need not fit --head_dim then)
+        **({} if getattr(args, "axis", None) == "width" else
+           width_point(args.width, args.head_dim, args.mlp_ratio)),
+        "config.train.log_every": "1",
+        "config.train.eval_every": str(args.steps if args.eval_batches else 0),
+        "config.train.eval_batches": str(max(args.eval_batches, 1)),
+        "config.train.checkpoint_every": "0",
+    }
 
 
 def config_of(args: argparse.Namespace) -> str:
@@ -145,7 +212,9 @@ def run_sweep(args: argparse.Namespace, todo: list[dict[str, str]], extra: Seque
     dirs = [point_dir(args, p) for p in todo]
     before = sum(map(sweep.finished, dirs))
     start = time.perf_counter()
-    sweep.run_points(config_of(args), todo, args.workdir, [*common_overrides(args), *extra],
+    point_keys = {k for p in todo for k in p}
+    fixed = [f"--{k}={v}" for k, v in common_overrides(args).items() if k not in point_keys]
+    sweep.run_points(config_of(args), todo, args.workdir, [*fixed, *extra],
                      print_only=args.print, keep_going=True, log_name=RunDir.LOG,
                      in_process=not args.subprocess)
     wall_s = time.perf_counter() - start
@@ -196,39 +265,41 @@ def loss_of(row: dict, metric: str) -> float | None:
     return row["eval_loss"] if metric == "eval" else row["train_loss"]
 
 
-def points(args: argparse.Namespace) -> list[dict[str, str]]:
-    """Every (width, parametrization, lr) point, smallest width first."""
-    todo = []
-    for width in args.widths:
-        for param in args.params:
-            for lr in args.lrs[param]:
-                todo.append({"param": param, **width_point(width, args.head_dim, args.mlp_ratio),
-                             "config.train.lr": repr(lr)})
-    return todo
+def points(args: argparse.Namespace, params: Sequence[str] | None = None) -> list[dict[str, str]]:
+    """Every (axis value, parametrization, lr) point of `params` (default all),
+    smallest value first."""
+    return [{"param": param, **axis_point(args, value), "config.train.lr": repr(lr)}
+            for value in args.values for param in (params or args.params)
+            for lr in args.lrs[param]]
 
 
 def build_report(args: argparse.Namespace, command: str) -> dict:
-    """Collects every point's run, picks the optimum per (param, width), writes the
-    figure, results.md and results.json; returns `{"rows", "optima", "paths"}`."""
-    rows = []
-    for point in points(args):
-        run = load_run(point_dir(args, point), args.tail)
-        rows.append({"param": point["param"], "width": int(point["config.model.d_model"]),
-                     "lr": float(point["config.train.lr"]), **run,
-                     "loss": loss_of(run, args.metric)})
+    """Collects every point's run, picks the optimum per (param, axis value), writes
+    the figure, results.md and results.json; returns `{"rows", "optima", "paths"}`.
+    Rows and optima name the axis value by the axis (`"width": 64`)."""
+    ax, rows = args.axis, []
+    for value in args.values:
+        for point in points(args):
+            if point.items() >= axis_point(args, value).items():
+                run = load_run(point_dir(args, point), args.tail)
+                rows.append({"param": point["param"], ax: value,
+                             "lr": float(point["config.train.lr"]), **run,
+                             "loss": loss_of(run, args.metric)})
     optima = []
     for param in args.params:
-        for width in args.widths:
-            mine = [r for r in rows if r["param"] == param and r["width"] == width]
+        for value in args.values:
+            mine = [r for r in rows if r["param"] == param and r[ax] == value]
             best = sweep.optimum([r["lr"] for r in mine], [r["loss"] for r in mine])
-            optima.append({"param": param, "width": width,
+            optima.append({"param": param, ax: value,
                            "best_lr": best and best["x"], "loss": best and best["loss"],
                            "fit_lr": best and best["x_fit"], "edge": bool(best and best["edge"]),
-                           "runs": f"{sum(r['status'] == 'done' for r in mine)}/{len(mine)}"})
+                           "runs": f"{sum(r['status'] == 'done' for r in mine)}/{len(mine)}",
+                           # every lr trained or failed: the optimum is not a partial grid's
+                           "complete": all(r["status"] != "unfinished" for r in mine)})
     figure = plot(args, rows, optima)
     markdown = _markdown(args, rows, optima)
     saved = ([{"kind": "optimum", **o} for o in optima]
-             + [{"kind": "run", **{k: r[k] for k in ("param", "width", "lr", "status", "loss",
+             + [{"kind": "run", **{k: r[k] for k in ("param", ax, "lr", "status", "loss",
                                                      "train_loss", "eval_loss", "step_s",
                                                      "run_s")}} for r in rows])
     paths = report.write_results(args.out, saved, markdown, command)
@@ -236,25 +307,46 @@ def build_report(args: argparse.Namespace, command: str) -> dict:
     return {"rows": rows, "optima": optima, "paths": paths}
 
 
+def shift(optima: Sequence[dict], param: str, axis: str) -> dict | None:
+    """How far `param`'s optimum moves along the axis, from its first to its last
+    value whose lr grid is complete: `{"from", "to", "grid", "fit", "fit_span"}` in
+    octaves of lr (`fit`: between the fitted minima, None where either end has none;
+    `fit_span`: the largest minus the smallest fitted minimum over the complete values)."""
+    found = complete_optima(optima, param)
+    if len(found) < 2:
+        return None
+    a, b = found[0], found[-1]
+    fits = [math.log2(o["fit_lr"]) for o in found if o["fit_lr"]]
+    return {"from": a[axis], "to": b[axis], "grid": math.log2(b["best_lr"] / a["best_lr"]),
+            "fit": math.log2(b["fit_lr"] / a["fit_lr"]) if a["fit_lr"] and b["fit_lr"] else None,
+            "fit_span": max(fits) - min(fits) if len(fits) >= 2 else None}
+
+
+def complete_optima(optima: Sequence[dict], param: str) -> list[dict]:
+    """`param`'s optima whose lr grid finished (no run missing), in axis order."""
+    return [o for o in optima if o["param"] == param and o["best_lr"] and o["complete"]]
+
+
 def plot(args: argparse.Namespace, rows: Sequence[dict], optima: Sequence[dict]) -> str:
     import matplotlib.pyplot as plt
 
+    ax_name = args.axis
     fig, axes = plt.subplots(1, len(args.params), figsize=(5 * len(args.params), 4), squeeze=False)
     cmap = plt.get_cmap("viridis")
-    colour = {w: cmap(i / max(len(args.widths) - 1, 1) * 0.9) for i, w in enumerate(args.widths)}
+    colour = {v: cmap(i / max(len(args.values) - 1, 1) * 0.9) for i, v in enumerate(args.values)}
     for ax, param in zip(axes[0], args.params):
         curves = {}
-        for width in args.widths:
-            done = [r for r in rows if r["param"] == param and r["width"] == width
+        for value in args.values:
+            done = [r for r in rows if r["param"] == param and r[ax_name] == value
                     and r["loss"] is not None]
-            curves[f"width {width}"] = ([r["lr"] for r in done], [r["loss"] for r in done])
+            curves[f"{ax_name} {value}"] = ([r["lr"] for r in done], [r["loss"] for r in done])
         report.plot_curves(ax, curves, f"{args.metric} loss", title=param, log_x=True,
                            style=lambda label: {"color": colour[int(label.split()[1])],
                                                     "marker": "o", "markersize": 3})
         for o in optima:
             if o["param"] == param and o["best_lr"]:
                 ax.plot([o["best_lr"]], [o["loss"]], marker="*", markersize=12,
-                        color=colour[o["width"]], markeredgecolor="k")
+                        color=colour[o[ax_name]], markeredgecolor="k")
         losses = [r["loss"] for r in rows if r["loss"] is not None]
         if losses:  # one scale for all panels; clip the diverging ends of the curves
             low = min(losses)
@@ -262,7 +354,7 @@ def plot(args: argparse.Namespace, rows: Sequence[dict], optima: Sequence[dict])
         top = ax.get_ylim()[1]
         for r in rows:  # diverged or failed runs: a cross at the top of the panel
             if r["param"] == param and r["status"] in ("diverged", "failed"):
-                ax.plot([r["lr"]], [top], marker="x", color=colour[r["width"]], clip_on=False)
+                ax.plot([r["lr"]], [top], marker="x", color=colour[r[ax_name]], clip_on=False)
         ax.set_xlabel("peak learning rate")
     return report.save_figure(fig, os.path.join(args.out, f"{os.path.basename(args.out)}.png"))
 
@@ -271,54 +363,66 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _setup(args: argparse.Namespace) -> str:
+    """One sentence: the model and training of every run, the swept axis named."""
+    swept = ",".join(map(str, args.values))
+    width = (f"width {swept}" if args.axis == "width" else f"width {args.width}") + (
+        f" (head dim {args.head_dim}, mlp_dim = {args.mlp_ratio} x d_model)")
+    fixed = {"depth": f"{args.layers} layers", "batch": f"batch {args.batch}",
+             "steps": f"{args.steps} steps"}
+    if args.axis in fixed:
+        fixed[args.axis] = {"depth": f"layers {swept}", "batch": f"batch {swept}",
+                            "steps": f"steps {swept}"}[args.axis]
+    return (f"{'BERT MLM+NSP' if 'bert' in config_of(args) else 'Causal LM'} "
+            f"(`{config_of(args)}`" + "".join(f" `{e}`" for e in getattr(args, "extra", []))
+            + f"; swept: {AXES[args.axis]}): {width}, {fixed['depth']}, vocab {args.vocab}, "
+            f"{fixed['batch']} x seq {args.seq_len}, {fixed['steps']} (warmup 10%, cosine to "
+            f"0), seed {args.seed}, fp32; each parametrization with its config's optimizer "
+            "settings.")
+
+
 def _markdown(args, rows, optima) -> str:
+    ax = args.axis
     lines = [
-        f"{'BERT MLM+NSP' if 'bert' in config_of(args) else 'Causal LM'} (`{config_of(args)}`"
-        + "".join(f" `{e}`" for e in getattr(args, "extra", []))
-        + f", shapes changed per width): {args.layers} layers, head dim "
-        f"{args.head_dim}, mlp_dim = {args.mlp_ratio} x d_model, vocab {args.vocab}, "
-        f"batch {args.batch} x seq {args.seq_len}, {args.steps} steps (warmup 10%, cosine "
-        f"to 0), seed {args.seed}, fp32; each parametrization with its config's "
-        f"optimizer settings. Loss: "
-        + (f"mean train loss over the last {int(args.tail * args.steps)} steps."
+        _setup(args) + " Loss: "
+        + (f"mean train loss over the last {args.tail:.0%} of the steps."
            if args.metric == "train" else f"eval loss on {args.eval_batches} batches.")
-        + " Figure: `" + os.path.basename(args.out) + ".png` (stars: optimum per width; "
+        + " Figure: `" + os.path.basename(args.out) + f".png` (stars: optimum per {ax}; "
         "crosses on the top edge: diverged).",
         "",
-        ("Optimum per width (grid minimum; `fit` = vertex of a parabola in log2(lr) "
+        (f"Optimum per {ax} (grid minimum; `fit` = vertex of a parabola in log2(lr) "
          "through the minimum and its neighbours; `edge` = the minimum is at the end of "
          "the grid):"),
         "",
     ]
-    table = [{"param": o["param"], "width": o["width"],
+    table = [{"param": o["param"], ax: o[ax],
               "best lr": o["best_lr"] and f"{fmt_pow2(o['best_lr'])} ({o['best_lr']:.3g})",
               "fit lr": o["fit_lr"] and f"{o['fit_lr']:.3g}", "loss": o["loss"],
               "edge": "yes" if o["edge"] else "", "runs done": o["runs"]} for o in optima]
-    lines.append(report.markdown_table(table, ["param", "width", "best lr", "fit lr", "loss",
+    lines.append(report.markdown_table(table, ["param", ax, "best lr", "fit lr", "loss",
                                                "edge", "runs done"], {"loss": ".3f"}))
     for param in args.params:
-        shifts = [o for o in optima if o["param"] == param and o["best_lr"]]
-        if len(shifts) >= 2:
-            a, b = shifts[0], shifts[-1]
-            lines.append(f"- {param}: optimum moves {math.log2(b['best_lr'] / a['best_lr']):+g} "
-                         f"octaves (grid) from width {a['width']} to {b['width']}"
-                         + (f", {math.log2(b['fit_lr'] / a['fit_lr']):+.2f} (fit)"
-                            if a["fit_lr"] and b["fit_lr"] else "") + ".")
+        moved = shift(optima, param, ax)
+        if moved:
+            lines.append(f"- {param}: optimum moves {moved['grid']:+g} octaves (grid) from "
+                         f"{ax} {moved['from']} to {moved['to']}"
+                         + (f", {moved['fit']:+.2f} (fit)" if moved["fit"] is not None else "")
+                         + ".")
     lines += ["", "Loss at every point (`div` = diverged, `fail` = failed, `-` = not run):", ""]
     for param in args.params:
-        lrs = args.lrs[param]
         grid = []
-        for width in args.widths:
-            cells = {"width": width}
+        for value in args.values:
+            cells = {ax: value}
             for r in rows:
-                if r["param"] == param and r["width"] == width:
+                if r["param"] == param and r[ax] == value:
                     cells[fmt_pow2(r["lr"])] = (_fmt(r["loss"]) if r["status"] == "done" else
                                                 {"diverged": "div", "failed": "fail"}.get(r["status"], "-"))
             grid.append(cells)
-        lines += [f"{param}:", "", report.markdown_table(grid, ["width", *map(fmt_pow2, lrs)])]
-    step_s = {w: [r["step_s"] for r in rows if r["width"] == w and r["step_s"]] for w in args.widths}
-    lines.append("Median step time per width (s): " + ", ".join(
-        f"{w}: {sorted(v)[len(v) // 2]:.3f}" for w, v in step_s.items() if v) + ".")
+        lines += [f"{param}:", "",
+                  report.markdown_table(grid, [ax, *map(fmt_pow2, args.lrs[param])])]
+    step_s = {v: [r["step_s"] for r in rows if r[ax] == v and r["step_s"]] for v in args.values}
+    lines.append(f"Median step time per {ax} (s): " + ", ".join(
+        f"{v}: {sorted(t)[len(t) // 2]:.3f}" for v, t in step_s.items() if t) + ".")
     lines.append(timing(args, rows))
     return "\n".join(lines) + "\n"
 
@@ -327,23 +431,21 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--widths", default="32,64,128,256", help="d_model values")
-    parser.add_argument("--params", default="sp,umup", help="parametrizations")
-    parser.add_argument("--config", default=CONFIG,
-                        help="config file[:arg] of every run, as for train.py (e.g. "
-                             "configs/bert.py:tiny); flags after `--` go to every run")
-    for param in PARAMS:
-        parser.add_argument(f"--{param}_lrs", default=DEFAULT_LOG2_LRS[param],
-                            help=f"log2 of the {param} peak learning rates")
-    add_common_flags(parser, "lr_transfer")
-    args = parser.parse_args(argv)
-    if args.metric == "eval" and not args.eval_batches:
-        parser.error("--metric eval needs --eval_batches N > 0")
-    args.widths = [int(w) for w in args.widths.split(",")]
-    args.params = args.params.split(",")
-    args.lrs = {p: parse_log2(getattr(args, f"{p}_lrs")) for p in PARAMS}
-    args.extra = extra
+    parser.add_argument("--axis", choices=tuple(AXES), default="width",
+                        help="what changes between the curves: " + "; ".join(
+                            f"{k}: {v}" for k, v in AXES.items()))
+    parser.add_argument("--values", "--widths", default="32,64,128,256",
+                        help="the axis' values (--widths: the width axis' old name)")
+    add_lr_flags(parser, "lr_transfer")
+    args = finish_lr_args(parser, parser.parse_args(argv), extra)
+    args.values = parse_ints(args.values, "--values")
     return args, extra
+
+
+def command_of(name: str, argv: Sequence[str]) -> str:
+    """The command recorded with the results: the one that trains (no --report_only)."""
+    return shlex.join(["python", "-m", f"experiments.{name}",
+                       *(a for a in argv if a != "--report_only")])
 
 
 def experiment_main(name: str, argv: Sequence[str] | None, parse: Callable, todo: Callable,
@@ -353,8 +455,7 @@ def experiment_main(name: str, argv: Sequence[str] | None, parse: Callable, todo
     recorded is the one that trains (without --report_only)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parse(argv)
-    command = shlex.join(["python", "-m", f"experiments.{name}",
-                          *(a for a in argv if a != "--report_only")])
+    command = command_of(name, argv)
     if not args.report_only:
         run_sweep(args, todo(args), extra, command)
         if args.print:

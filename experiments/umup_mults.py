@@ -35,7 +35,6 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--width", type=int, default=128, help="d_model")
     parser.add_argument("--lr", type=float, default=0.5,
                         help="peak lr of the mult sweep (configs/causal_lm.py's u-μP default)")
     parser.add_argument("--mults", default=",".join(MULTS), help="which mults to sweep")
@@ -47,6 +46,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="mults at whose --lr_mult_values the lrs are swept too")
     parser.add_argument("--lr_mult_values", default="-2,2", help="log2 mult values")
     lr_transfer.add_common_flags(parser, "umup_mults")
+    parser.set_defaults(width=128)
     args = parser.parse_args(argv)
     if args.metric == "eval" and not args.eval_batches:
         parser.error("--metric eval needs --eval_batches N > 0")

@@ -259,3 +259,130 @@ def test_sweep_wall_time_is_logged_and_reported(tmp_path, monkeypatch, capsys):
     assert len(sweep.read_metrics(str(tmp_path / "runs"), lr_transfer.SWEEP_LOG)) == 1
     md = _read(tmp_path / "out" / "results.md")
     assert "--report_only" not in md and "Sweeps logged in the workdir" in md and ", 2." in md
+
+
+def test_lr_transfer_other_axes_set_only_their_field(capsys, tmp_path):
+    for axis, flag in (("depth", "config.model.num_layers"),
+                       ("batch", "config.train.global_batch_size"), ("steps", "config.train.steps")):
+        cmds = _commands(capsys, lr_transfer.main, [
+            "--print", "--axis", axis, "--values", "4,8", "--params", "umup", "--umup_lrs=-1,0",
+            "--width", "48", "--workdir", str(tmp_path)])
+        assert len(cmds) == 2 * 2
+        assert sorted({_flag(c, flag) for c in cmds}) == ["4", "8"]  # once per command
+        assert all(_flag(c, "config.model.d_model") == "48" for c in cmds)  # --width
+        assert all(f"{flag.removeprefix('config.')}=" in _flag(c, "workdir") for c in cmds)
+    with pytest.raises(SystemExit, match="--values"):
+        lr_transfer.main(["--print", "--axis", "depth", "--values", "0,2"])
+
+
+def test_transfer_prints_every_axis_umup_first_and_a_gpu_scale(capsys, tmp_path):
+    from experiments import transfer
+
+    cmds = _commands(capsys, transfer.main, ["--print", "--workdir", str(tmp_path)])
+    values = {"depth": [2, 4, 8, 16], "batch": [8, 16, 32], "steps": [50, 100, 200]}
+    assert len(cmds) == 2 * 5 * sum(map(len, values.values()))
+    params = [_flag(c, "config").split("param=")[1] for c in cmds]
+    assert params == sorted(params, reverse=True)  # every umup run before the first sp one
+    for axis, flag in (("depth", "model.num_layers"), ("batch", "train.global_batch_size"),
+                       ("steps", "train.steps")):
+        mine = [c for c in cmds if _flag(c, "workdir").startswith(str(tmp_path / axis) + "/")]
+        assert sorted({int(_flag(c, f"config.{flag}")) for c in mine}) == values[axis]
+    assert {float(_flag(c, "config.train.lr")) for c in cmds if "param=umup" in _flag(c, "config")
+            } == {2.0**k for k in range(-3, 2)}
+    gpu = _commands(capsys, transfer.main, ["--print", "--scale", "gpu", "--axes", "depth",
+                                            "--params", "umup", "--steps", "500"])
+    assert {_flag(c, "config.model.d_model") for c in gpu} == {"256"}
+    assert {_flag(c, "config.train.steps") for c in gpu} == {"500"}  # a flag beats the preset
+    with pytest.raises(SystemExit):
+        transfer.main(["--print", "--axes", "width"])
+
+
+def test_transfer_report_from_fake_runs(tmp_path, capsys):
+    from experiments import transfer
+
+    argv = ["--depths", "2,4,8", "--batches", "8,16", "--step_values", "4,8",
+            "--workdir", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    args, _ = transfer.parse_args(argv)
+    for axis in transfer.AXES:
+        one = transfer.axis_args(args, axis)
+        for point in lr_transfer.points(one):
+            value, lr = int(point[next(k for k in point if k.startswith("config.") and
+                                       k != "config.train.lr")]), float(point["config.train.lr"])
+            # sp's optimum falls one octave per doubling of depth; u-μP's stays at 2^-1
+            opt = (-7 - math.log2(value / 2) if axis == "depth" else -8) if point["param"] == "sp" else -1
+            if point["param"] == "sp" and axis == "depth" and value == 8 and lr == 2.0**-6:
+                continue  # an unfinished grid: depth 8 does not count for sp
+            _fake_run(lr_transfer.point_dir(one, point), 3 + 0.1 * (math.log2(lr) - opt) ** 2,
+                      steps=value if axis == "steps" else 8)
+    assert transfer.main([*argv, "--report_only"]) == 0
+    saved = json.loads(_read(tmp_path / "out" / "results.json"))
+    moves = {(r["axis"], r["param"]): r for r in saved["rows"]}
+    assert moves["depth", "sp"]["grid"] == -1 and math.isclose(moves["depth", "sp"]["fit"], -1)
+    assert moves["depth", "umup"]["grid"] == 0 and moves["batch", "sp"]["grid"] == 0
+    assert moves["depth", "sp"]["runs"] == "14/15" and moves["depth", "umup"]["to"] == 8
+    assert "| depth | sp | 2,4,8 | 2 | 4 | -1 | -1.00 |" in _read(tmp_path / "out" / "results.md")
+    for axis in transfer.AXES:
+        assert (tmp_path / "out" / axis / f"{axis}.png").stat().st_size > 0
+        assert f"Optimum per {axis}" in _read(tmp_path / "out" / axis / "results.md")
+    assert (tmp_path / "out" / "transfer.png").stat().st_size > 0
+
+
+def test_param_dtype_points_and_report_from_fake_runs(capsys, tmp_path, monkeypatch):
+    from experiments import param_dtype
+
+    argv = ["--widths", "32,64", "--steps", "8", "--workdir", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "out")]
+    cmds = _commands(capsys, param_dtype.main, ["--print", *argv])
+    assert len(cmds) == 2 * 3 * 2  # widths x settings x seeds
+    sr = [c for c in cmds if "--config.train.param_rounding=stochastic" in c]
+    assert len(sr) == 4 and all(_flag(c, "config.model.param_dtype") == "bfloat16" for c in sr)
+    assert {_flag(c, "config.seed") for c in cmds} == {"0", "1"}
+    args, _ = param_dtype.parse_args(argv)
+    for width, seed, name, point in param_dtype.runs(args):
+        _fake_run(lr_transfer.point_dir(args, point), 3.0 + {"fp32": 0, "bf16": 0.05,
+                                                             "bf16_sr": 0.01}[name])
+    monkeypatch.setattr(param_dtype, "state_bytes",
+                        lambda workdir: {"params_bytes": 2**20, "opt_bytes": 2**21})
+    assert param_dtype.main([*argv, "--report_only"]) == 0
+    md = _read(tmp_path / "out" / "results.md")
+    assert "| 64 | bf16 | 3.050 | +0.050, +0.050 | 1.00 | 2.00 | 3.00 | 2/2 |" in md
+    assert (tmp_path / "out" / "param_dtype.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        param_dtype.main(["--print", "--settings", "fp8"])
+
+
+def test_param_dtype_state_bytes_halve_with_bf16(tmp_path):
+    from configs.common import load_config
+    from experiments import param_dtype
+    from unit_scaling.train.rundir import RunDir
+
+    sizes = {}
+    for name, overrides in (("fp32", {}), ("bf16", param_dtype.SETTINGS["bf16"])):
+        config = load_config("configs/causal_lm.py:tiny")
+        config.model.d_model, config.model.num_heads, config.model.mlp_dim = 32, 2, 64
+        config.data.vocab_size = 256
+        for key, value in overrides.items():
+            section, field = key.removeprefix("config.").split(".")
+            config[section][field] = value
+        (tmp_path / name).mkdir()
+        RunDir(str(tmp_path / name)).write_config(config)
+        sizes[name] = param_dtype.state_bytes(str(tmp_path / name))
+    assert sizes["bf16"]["params_bytes"] * 2 == sizes["fp32"]["params_bytes"]
+    # two moments per parameter (in the moment dtype), plus a few int32 step counts
+    counters = {n: s["opt_bytes"] - 2 * s["params_bytes"] for n, s in sizes.items()}
+    assert counters["fp32"] == counters["bf16"] and 0 < counters["fp32"] <= 16
+
+
+def test_transfer_trains_the_base_run_once(tmp_path):
+    from experiments import transfer
+
+    args, _ = transfer.parse_args(["--params", "umup", "--umup_lrs=-1", "--steps", "8",
+                                   "--step_values", "4,8", "--workdir", str(tmp_path)])
+    depth = transfer.axis_args(args, "depth")
+    (point,) = [p for p in lr_transfer.points(depth) if p["config.model.num_layers"] == "2"]
+    assert transfer.reuse_base_runs(args, "umup") == 0  # nothing finished yet
+    _fake_run(lr_transfer.point_dir(depth, point), 3.0)
+    assert transfer.reuse_base_runs(args, "umup") == 2  # into batch=16 and steps=8
+    assert sweep.finished(str(tmp_path / "batch" / "param=umup,train.global_batch_size=16,train.lr=0.5"))
+    assert sweep.finished(str(tmp_path / "steps" / "param=umup,train.steps=8,train.lr=0.5"))
+    assert transfer.reuse_base_runs(args, "umup") == 0

@@ -38,7 +38,8 @@ MODEL_FIELDS = ("model", "param", "data.vocab_size")
 TRAJECTORY_FIELDS = (
     "seed", "train.steps", "train.lr", "train.schedule", "train.warmup_steps",
     "train.final_lr_fraction", "train.global_batch_size", "train.grad_accum",
-    "train.optimizer", "train.weight_decay", "train.loss_scale", "data.corpus",
+    "train.optimizer", "train.weight_decay", "train.loss_scale", "train.moment_dtype",
+    "train.param_rounding", "data.corpus",
     "data.tokenizer", "data.tokenizer_path", "data.seq_len", "data.eval_fraction",
     "data.eval_split",
 )

@@ -3,6 +3,10 @@ cosine decay, global-norm clipping, gradient accumulation, and loss scaling for 
 standard-parametrization baselines in FP16/FP8. `from_config(config, abstract_params)`
 is the one place that builds the trainer's optimizer.
 
+Update numerics: `train.moment_dtype` stores the Adam moments in bfloat16 or float32
+(`state_in_dtype`), `train.param_rounding` rounds each update into bfloat16
+parameters to nearest or stochastically (`apply_updates`, called by the train step).
+
 The chain is `clip -> scale_by_{adam|lamb|sgd} -> per-tensor lr factors -> decoupled
 decay -> [trust ratio] -> learning rate -> independent decay`: the u-μP per-tensor rule
 (`unit_scaling.optim`) multiplies the normalised update before the global learning
@@ -11,19 +15,23 @@ rate, and u-μP's independent weight decay comes last, so that neither multiplie
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import jmp
 import optax
 
-from unit_scaling import optim
+from unit_scaling import formats, optim
 from unit_scaling.errors import ConfigError
 from unit_scaling.params import param_meta
 from unit_scaling.precision import LossScaling
 
 OPTIMIZERS = ("adamw", "lamb", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
+MOMENT_DTYPES = ("", "float32", "bfloat16")  # "": the parameters' dtype
+PARAM_ROUNDINGS = ("nearest", "stochastic")
 
 
 def learning_rate_schedule(train: Any) -> optax.Schedule:
@@ -100,6 +108,7 @@ def make_optimizer(
         raise ConfigError("config.train.grad_clip and weight_decay must be >= 0 (0 = off)")
     if train.grad_accum < 1:
         raise ConfigError(f"config.train.grad_accum={train.grad_accum} must be >= 1")
+    check_update_numerics(train)
     schedule = learning_rate_schedule(train)
     parts = []
     if train.grad_clip > 0:
@@ -107,7 +116,9 @@ def make_optimizer(
     if train.optimizer == "sgd":
         parts.append(optax.trace(train.momentum) if train.momentum else optax.identity())
     else:
-        parts.append(optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps))
+        adam = optax.scale_by_adam(b1=train.b1, b2=train.b2, eps=train.eps)
+        moment_dtype = train.get("moment_dtype", "")
+        parts.append(state_in_dtype(adam, moment_dtype) if moment_dtype else adam)
     if per_tensor_lr is not None:
         parts.append(per_tensor_lr)
     if weight_decay is None and train.weight_decay > 0:
@@ -121,6 +132,69 @@ def make_optimizer(
     if train.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=train.grad_accum)
     return tx
+
+
+def check_update_numerics(train: Any, param_dtype: Optional[str] = None) -> None:
+    """`train.moment_dtype` and `train.param_rounding` are known names; stochastic
+    rounding needs bfloat16 parameters (`config.model.param_dtype`, where given)."""
+    moment_dtype = train.get("moment_dtype", "")
+    if moment_dtype not in MOMENT_DTYPES:
+        raise ConfigError(f"config.train.moment_dtype={moment_dtype!r}: use one of "
+                          f"{MOMENT_DTYPES} ('' = the parameters' dtype)")
+    rounding = train.get("param_rounding", "nearest")
+    if rounding not in PARAM_ROUNDINGS:
+        raise ConfigError(f"config.train.param_rounding={rounding!r}: use one of {PARAM_ROUNDINGS}")
+    if rounding == "stochastic" and param_dtype not in (None, "bfloat16"):
+        raise ConfigError(
+            f"config.train.param_rounding='stochastic' rounds updates into bfloat16 parameters; "
+            f"config.model.param_dtype is {param_dtype!r}: set it to 'bfloat16' or use 'nearest'")
+
+
+def state_in_dtype(inner: optax.GradientTransformation, dtype: Any) -> optax.GradientTransformation:
+    """`inner` with its floating-point state stored in `dtype` (e.g. bfloat16 Adam
+    moments, half the bytes of float32): each update reads the state and the incoming
+    updates as float32, runs `inner` there, and rounds the new state to `dtype`
+    (nearest). The arithmetic stays float32; only the storage narrows. The updates it
+    returns are float32, so that `apply_updates` rounds once, into the parameters."""
+
+    def cast(tree: Any, to: Any) -> Any:
+        return jax.tree.map(
+            lambda x: x.astype(to) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params: Any) -> Any:
+        return cast(inner.init(params), dtype)
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        updates, state = inner.update(cast(updates, jnp.float32), cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(init, update)
+
+
+_BF16_STOCHASTIC = dataclasses.replace(formats.BF16, rounding="stochastic")
+
+
+def apply_updates(params: Any, updates: Any, rounding: str = "nearest",
+                  key: Optional[jax.Array] = None) -> Any:
+    """`params + updates`, each sum computed in float32 and rounded once to the
+    parameter's dtype: to nearest (`optax.apply_updates`), or for bfloat16 parameters
+    with `rounding="stochastic"` up or down with the probabilities that make it
+    unbiased (`formats.quantise`, one key per tensor from `key`). An update smaller
+    than half a bfloat16 spacing of its parameter (2^-9 relative) is lost under
+    nearest rounding; stochastic rounding keeps it in expectation."""
+    if rounding == "nearest":
+        return optax.apply_updates(params, updates)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+
+    def one(p: jax.Array, u: jax.Array, k: jax.Array) -> jax.Array:
+        total = p.astype(jnp.float32) + u.astype(jnp.float32)
+        if p.dtype != jnp.bfloat16:
+            return total.astype(p.dtype)
+        return formats.quantise(total, _BF16_STOCHASTIC, k).astype(p.dtype)
+
+    return jax.tree.unflatten(treedef, [one(p, u, k) for p, u, k in
+                                        zip(leaves, treedef.flatten_up_to(updates), keys)])
 
 
 def make_loss_scale(train: Any) -> jmp.LossScale:

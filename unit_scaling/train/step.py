@@ -19,6 +19,8 @@ import jmp
 import numpy as np
 import optax
 
+from unit_scaling.train import optimizer as optimizer_lib
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -61,11 +63,15 @@ def rms(tree: Any) -> jax.Array:
     return jnp.sqrt(total / max(sum(x.size for x in leaves), 1))
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable) -> Callable:
-    """`train_step(state, batch) -> (state, metrics)`; jit it with shardings."""
+def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
+                    param_rounding: str = "nearest") -> Callable:
+    """`train_step(state, batch) -> (state, metrics)`; jit it with shardings.
+    `param_rounding`: how updates round into the parameters (`optimizer.apply_updates`)."""
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        rng, dropout_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+        keys = jax.random.split(jax.random.wrap_key_data(state.rng),
+                                3 if param_rounding == "stochastic" else 2)
+        rng, dropout_key = keys[0], keys[1]  # (nearest: the same keys as ever)
 
         def loss_fn(params):
             loss, metrics = model.apply(
@@ -77,7 +83,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable)
         grads = state.loss_scale.unscale(grads)
         finite = jmp.all_finite(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = optimizer_lib.apply_updates(state.params, updates, param_rounding, keys[-1])
         # A dynamic loss scale skips steps with overflowing gradients (and halves);
         # otherwise a non-finite gradient goes through and the loop stops the run.
         skip = jnp.logical_and(jnp.logical_not(finite), isinstance(state.loss_scale, jmp.DynamicLossScale))

@@ -99,6 +99,7 @@ def build(config, make_task: Optional[Callable[[Any], tasks_lib.Task]] = None,
     `make_task(config)` replaces `tasks.make_task` (e.g. a toy model in the tests)."""
     train = config.train
     check_train_config(train)
+    optimizer_lib.check_update_numerics(train, config.model.get("param_dtype"))
     mesh = mesh_lib.make_mesh({axis: config.mesh[axis] for axis in mesh_lib.AXES}, devices)
     rules = tuple(tuple(r) for r in config.mesh.rules)
     mesh_lib.check_batch_size(train.global_batch_size // train.grad_accum, mesh,
@@ -128,7 +129,8 @@ def build(config, make_task: Optional[Callable[[Any], tasks_lib.Task]] = None,
         mesh=mesh, rules=rules, task=task, optimizer=tx, loss_scale=loss_scale,
         shardings=shardings,
         init=jax.jit(init, out_shardings=shardings),
-        train_step=jax.jit(step_lib.make_train_step(task.model, tx, schedule),
+        train_step=jax.jit(step_lib.make_train_step(task.model, tx, schedule,
+                                                    train.get("param_rounding", "nearest")),
                            in_shardings=(shardings, batch_sharding),
                            out_shardings=(shardings, None), donate_argnums=0),
         eval_step=jax.jit(step_lib.make_eval_step(task.model),

@@ -92,6 +92,7 @@ __all__ = [
     "silu",
     "silu_glu",
     "softmax",
+    "softmax_nll",
     "transformer_residual_scaling_rule",
     "vmap_reduction",
 ]
@@ -781,14 +782,58 @@ def cross_entropy(
             f"cross_entropy: labels {labels.shape} must match logits {logits.shape} "
             "without the last (vocab) axis"
         )
-    logits = scale_fwd(scale_bwd(logits, vocab / (vocab - 1) ** 0.5), mult)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)
-    nll = nll[..., 0]
+    nll = softmax_nll(logits, labels, logit_mult=mult, grad_scale=vocab / (vocab - 1) ** 0.5)
     if weights is None:
         return _reduce_loss(jnp.sum(nll), nll.size, reduction)
     weights = weights.astype(jnp.float32)
     return _reduce_loss(jnp.sum(nll * weights), jnp.sum(weights), reduction)
+
+
+def softmax_nll(logits: Array, labels: Array, logit_mult: float = 1.0,
+                grad_scale: float = 1.0) -> Array:
+    """Per-row negative log-likelihood `-log softmax(logit_mult * logits)[label]`.
+
+    Shapes: logits `[..., V]` (computed in float32), labels `[...]` (integers);
+    returns `[...]` float32. Backward: `(softmax - one_hot(label)) * g * grad_scale`,
+    the gradient w.r.t. `logit_mult * logits` (so `logit_mult` is a forward-only
+    scale, like `scale_fwd`), in one fused elementwise pass over `[..., V]`, from the
+    forward's exponentials: one `exp` per logit for forward and backward together,
+    and no scatter into a zero `[..., V]` array (what `take_along_axis`'s gradient
+    costs). `cross_entropy` and `StandardOps.cross_entropy` (true gradient:
+    `logit_mult = grad_scale = 1`) are built on it.
+    """
+    return _softmax_nll(logits.astype(jnp.float32), labels.astype(jnp.int32),
+                        float(logit_mult), float(grad_scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _softmax_nll(logits: Array, labels: Array, logit_mult: float, grad_scale: float) -> Array:
+    return _softmax_nll_fwd(logits, labels, logit_mult, grad_scale)[0]
+
+
+def _softmax_nll_fwd(logits, labels, logit_mult, grad_scale):
+    del grad_scale
+    z = logits
+    if logit_mult != 1.0:
+        z = z * logit_mult
+    top = jnp.max(z, axis=-1, keepdims=True)
+    exp = jnp.exp(z - top)
+    total = jnp.sum(exp, axis=-1)
+    picked = jnp.take_along_axis(z, labels[..., None], axis=-1)[..., 0]
+    nll = top[..., 0] + jnp.log(total) - picked
+    return nll, (exp, total, labels)
+
+
+def _softmax_nll_bwd(logit_mult, grad_scale, res, g):
+    del logit_mult
+    exp, total, labels = res
+    one_hot = labels[..., None] == jax.lax.broadcasted_iota(jnp.int32, exp.shape, exp.ndim - 1)
+    g = g * grad_scale
+    grad = exp * (g / total)[..., None] - jnp.where(one_hot, g[..., None], 0.0)
+    return grad, None
+
+
+_softmax_nll.defvjp(_softmax_nll_fwd, _softmax_nll_bwd)
 
 
 def mse_loss(input: Array, target: Array, reduction: str = "mean") -> Array:

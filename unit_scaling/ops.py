@@ -152,8 +152,7 @@ class StandardOps:
     def cross_entropy(self, logits: Array, labels: Array,
                       weights: Optional[Array] = None) -> Array:
         """Weighted-mean softmax cross entropy, float32; logits `[..., V]`, labels `[...]`."""
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        nll = U.softmax_nll(logits, labels)
         if weights is None:
             return jnp.mean(nll)
         weights = weights.astype(jnp.float32)

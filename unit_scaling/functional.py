@@ -401,16 +401,41 @@ def silu(x: Array, mult: float = 1.0, constraint: Constraint = "to_output_scale"
     )
 
 
-def silu_glu(x: Array, gate: Array, mult: float = 1.0) -> Array:
+def silu_glu(x: Array, gate: Array, mult: float = 1.0, scaled: bool = True) -> Array:
     """Unit-scaled SwiGLU gate `x * gate * sigmoid(mult*gate)`.
 
     Shapes: x and gate equal; output the same.
     Forward and backward (`g_x`, `g_gate`): `s = li(1/(1+1/mult^2), 2, 2^1/2)`.
     No constraint: both inputs and the output share the one scale.
+    `scaled=False`: `s = 1`, the plain gate (the standard parametrization's).
+    One fused pass each way: the backward recomputes the sigmoid from `x` and `gate`
+    (matmul outputs, kept anyway) where autodiff kept each intermediate, and XLA:CPU
+    ran the gate as three `[tokens, mlp]` passes forward and more backward.
     """
-    s = logarithmic_interpolation(1 / (1 + 1 / mult**2), 2.0, 2**0.5)
-    x, gate = scale_bwd(x, s), scale_bwd(gate, s)
-    return scale_fwd(x * _silu(gate, mult), s)
+    s = logarithmic_interpolation(1 / (1 + 1 / mult**2), 2.0, 2**0.5) if scaled else 1.0
+    return _silu_glu(x, gate, float(mult), s)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _silu_glu(x: Array, gate: Array, mult: float, scale: float) -> Array:
+    y = x * _silu(gate, mult)
+    return y * scale if scale != 1.0 else y
+
+
+def _silu_glu_fwd(x, gate, mult, scale):
+    return _silu_glu(x, gate, mult, scale), (x, gate)
+
+
+def _silu_glu_bwd(mult, scale, res, g):
+    x, gate = res
+    sig = jax.nn.sigmoid(gate * mult if mult != 1.0 else gate)
+    if scale != 1.0:
+        g = g * scale
+    # d/dgate [gate * sigmoid(m gate)] = sigmoid * (1 + m gate (1 - sigmoid))
+    return g * (gate * sig), g * x * (sig * (1 + mult * gate * (1 - sig)))
+
+
+_silu_glu.defvjp(_silu_glu_fwd, _silu_glu_bwd)
 
 
 def softmax(

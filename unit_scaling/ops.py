@@ -90,8 +90,8 @@ class StandardOps:
         return jax.nn.gelu(x, approximate=False)
 
     def silu_glu(self, x: Array, gate: Array) -> Array:
-        """SwiGLU `x * silu(gate)`."""
-        return x * jax.nn.silu(gate)
+        """SwiGLU `x * silu(gate)` (`U.silu_glu` unscaled: its fused backward)."""
+        return U.silu_glu(x, gate, scaled=False)
 
     def tanh(self, x: Array) -> Array:
         """tanh (BERT pooler)."""

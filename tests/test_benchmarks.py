@@ -6,6 +6,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from configs.common import REPO
 
@@ -119,3 +120,29 @@ def test_attention_benchmark_smoke(tmp_path):
     saved = json.loads((tmp_path / "attention.json").read_text())
     assert saved["command"].startswith("python benchmarks/attention.py --seq_lens 16")
     assert (tmp_path / "attention.md").read_text().startswith("Command: `python benchmarks/")
+
+
+def test_vs_torch_reference_refuses_without_torch():
+    import importlib.util
+
+    import vs_torch_reference
+
+    with pytest.raises(SystemExit, match="no torch environment given"):
+        vs_torch_reference.check_torch_python(None)
+    if importlib.util.find_spec("torch") is None:  # this project's venv has no torch
+        with pytest.raises(SystemExit, match="cannot import torch"):
+            vs_torch_reference.check_torch_python(sys.executable)
+
+
+def test_vs_torch_reference_ratios_are_paired_per_round():
+    import vs_torch_reference
+
+    rounds = [{"load_1min": 3.0, "jax umup": {"wall": [1.0, 1.0], "cpu": [2.0, 2.0]},
+               "torch": {"wall": [2.0, 2.0], "cpu": [3.0, 3.0]}},
+              {"load_1min": 9.0, "jax umup": {"wall": [4.0, 4.0], "cpu": [2.0, 2.0]},
+               "torch": {"wall": [6.0, 6.0], "cpu": [3.0, 3.0]}}]
+    result = vs_torch_reference.summarize(rounds, ["jax umup", "torch"], 100, {})
+    jax_side = result["sides"]["jax umup"]
+    assert jax_side["ratio_to_torch_rounds"] == [2.0, 1.5]
+    assert jax_side["ratio_to_torch"] == 1.75 and jax_side["cpu_ratio_to_torch"] == 1.5
+    assert result["load_1min"] == {"min": 3.0, "median": 6.0, "max": 9.0}

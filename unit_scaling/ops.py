@@ -52,7 +52,10 @@ class StandardOps:
                formats: FormatPolicy = None,
                constraint: Optional[str] = "to_output_scale") -> Array:
         """Dense layer, x `[..., fan_in]` @ kernel `[fan_in, fan_out]` (+ bias `[fan_out]`);
-        matmul operands rounded per `formats`. `constraint` is unit scaling's (ignored)."""
+        matmul operands rounded per `formats` (None: `U.dense`, whose backward XLA:CPU runs
+        faster than autodiff's). `constraint` is unit scaling's (ignored)."""
+        if formats is None:
+            return U.dense(x, kernel, bias)
         y = formats_lib.matmul(x, kernel, formats)
         return y if bias is None else y + _lead(bias.astype(y.dtype), y.ndim)
 
@@ -87,8 +90,8 @@ class StandardOps:
         return jax.nn.gelu(x, approximate=False)
 
     def silu_glu(self, x: Array, gate: Array) -> Array:
-        """SwiGLU `x * silu(gate)`."""
-        return x * jax.nn.silu(gate)
+        """SwiGLU `x * silu(gate)` (`U.silu_glu` unscaled: its fused backward)."""
+        return U.silu_glu(x, gate, scaled=False)
 
     def tanh(self, x: Array) -> Array:
         """tanh (BERT pooler)."""
@@ -152,8 +155,7 @@ class StandardOps:
     def cross_entropy(self, logits: Array, labels: Array,
                       weights: Optional[Array] = None) -> Array:
         """Weighted-mean softmax cross entropy, float32; logits `[..., V]`, labels `[...]`."""
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(log_probs, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        nll = U.softmax_nll(logits, labels)
         if weights is None:
             return jnp.mean(nll)
         weights = weights.astype(jnp.float32)

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from unit_scaling import batches
 from unit_scaling import nn as unn
+from unit_scaling.models.accuracy import accuracy
 from unit_scaling.models.transformer import TransformerConfig, TransformerStack
 from unit_scaling.nn.partitioning import constrain
 from unit_scaling.nn.positions import sinusoidal
@@ -123,14 +124,6 @@ class _Pooler(nn.Module):
         return ops.tanh(h)
 
 
-def _accuracy(logits, labels, weights=None):
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    if weights is None:
-        return jnp.mean(correct)
-    weights = weights.astype(jnp.float32)
-    return jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
 def _check_batch(batch: dict, fields: tuple[str, ...]) -> None:
     missing = [f for f in fields if f not in batch]
     if missing:
@@ -201,9 +194,9 @@ class BertForPreTraining(nn.Module):
         nsp_loss = ops.cross_entropy(nsp_logits, nsp_labels)
         metrics = dict(
             mlm_loss=mlm_loss,
-            mlm_accuracy=_accuracy(mlm_logits, batch["masked_lm_ids"], weights),
+            mlm_accuracy=accuracy(mlm_logits, batch["masked_lm_ids"], weights),
             nsp_loss=nsp_loss,
-            nsp_accuracy=_accuracy(nsp_logits, nsp_labels),
+            nsp_accuracy=accuracy(nsp_logits, nsp_labels),
         )
         return mlm_loss + nsp_loss, metrics
 
@@ -241,4 +234,4 @@ class BertForSequenceClassification(nn.Module):
         # Optional per-row weights: 0 on rows that only pad the last eval batch.
         weights = batch.get("weight")
         loss = self.config.parametrization.ops.cross_entropy(logits, labels, weights)
-        return loss, dict(loss=loss, accuracy=_accuracy(logits, labels, weights))
+        return loss, dict(loss=loss, accuracy=accuracy(logits, labels, weights))

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from unit_scaling import batches
 from unit_scaling import nn as unn
+from unit_scaling.models.accuracy import accuracy
 from unit_scaling.models.sampling import sample_logits
 from unit_scaling.models.transformer import TransformerConfig, TransformerStack
 from unit_scaling.nn.partitioning import constrain
@@ -117,9 +118,7 @@ class CausalLM(nn.Module):
                              positions=batch["positions"], deterministic=deterministic)
         weights = batch["weights"].astype(jnp.float32)
         loss = self.config.parametrization.ops.cross_entropy(logits, batch["targets"], weights)
-        correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-        accuracy = jnp.sum(correct * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-        return loss, dict(loss=loss, accuracy=accuracy)
+        return loss, dict(loss=loss, accuracy=accuracy(logits, batch["targets"], weights))
 
 
 def init_cache(model: CausalLM, batch: int) -> Any:

@@ -64,9 +64,13 @@ def rms(tree: Any) -> jax.Array:
 
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
-                    param_rounding: str = "nearest") -> Callable:
+                    param_rounding: str = "nearest", per_tensor_rms: bool = True) -> Callable:
     """`train_step(state, batch) -> (state, metrics)`; jit it with shardings.
-    `param_rounding`: how updates round into the parameters (`optimizer.apply_updates`)."""
+
+    `param_rounding`: how updates round into the parameters (`optimizer.apply_updates`).
+    `per_tensor_rms`: also return `_rms`, the RMS of every parameter, gradient and
+    update (three reductions per tensor, ~100 small kernels for a 4-layer model);
+    the trainer asks for them only when `train.rms_every` logs them."""
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         keys = jax.random.split(jax.random.wrap_key_data(state.rng),
@@ -106,12 +110,14 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
             "train/loss_scale": state.loss_scale.loss_scale,
         })
         # Per-tensor diagnostics (keys with "_" are not logged as scalars): which
-        # gradients are finite, and the RMS of every parameter, gradient and update.
+        # gradients are finite (the same reductions as `all_finite`'s, which XLA shares),
+        # and, when asked for, the RMS of every parameter, gradient and update.
         metrics["_finite"] = jax.tree.map(lambda g: jnp.all(jnp.isfinite(g)), grads)
-        metrics["_rms"] = {
-            name: jax.tree.map(rms, tree)
-            for name, tree in (("params", params), ("grads", grads), ("updates", updates))
-        }
+        if per_tensor_rms:
+            metrics["_rms"] = {
+                name: jax.tree.map(rms, tree)
+                for name, tree in (("params", params), ("grads", grads), ("updates", updates))
+            }
         return new_state, metrics
 
     return train_step

@@ -29,6 +29,21 @@ def test_batches_have_the_documented_spec():
     assert (info.pad_id, info.cls_id, info.sep_id, info.mask_id) == (0, 2, 3, 4)
 
 
+def test_a_batch_is_one_micro_steps_with_gradient_accumulation():
+    """`grad_accum` micro-batches make the update's `global_batch_size` rows, so each
+    batch holds global_batch_size / grad_accum / process_count of them."""
+    config = small_bert_config()
+    config.train.grad_accum = 4
+    iterator, info = make(config, process_index=1, process_count=2)
+    batch = next(iterator)
+    iterator.close()
+    assert (info.batch_size, info.global_batch_size) == (2, 4)
+    assert batch["input_ids"].shape == (2, 64)
+    config.train.grad_accum = 3
+    with pytest.raises(ValueError, match="config.train.grad_accum=3"):
+        make(config)
+
+
 @pytest.mark.parametrize("make_config", [small_bert_config, small_causal_config])
 def test_deterministic_for_a_seed(make_config):
     config = make_config()

@@ -9,7 +9,7 @@
 or "causal_lm" (`causal_lm_packing.CAUSAL_LM`), objects that check their settings,
 make the examples and give the batch fields (`objectives.py`). Every batch
 has a leading per-process batch dimension B = `config.train.global_batch_size /
-process_count`; the training loop assembles global arrays from the per-process
+grad_accum / process_count` (one micro-step's; `grad_accum` of them make an update); the training loop assembles global arrays from the per-process
 batches (`jax.make_array_from_process_local_data`).
 
 What the pipeline does, per process:
@@ -69,7 +69,8 @@ class DataInfo:
         above it never occur).
       seq_len: L.
       batch_size: per-process batch size B (leading dimension of every field).
-      global_batch_size: B * process_count.
+      global_batch_size: B * process_count, one micro-step's batch over all processes
+        (`config.train.global_batch_size / grad_accum`).
       process_index, process_count: the shard this pipeline reads.
       num_documents: documents in the split (all processes together).
       element_spec: field name -> (shape, dtype) of one batch, as numpy dtypes.
@@ -145,7 +146,12 @@ def make_pretraining_dataset(
     objective = OBJECTIVES[name]
     process_index, process_count = resolve_processes(process_index, process_count)
     global_batch_size = int(require(config.train, "global_batch_size", "config.train"))
-    batch_size = per_process_batch_size(global_batch_size, process_count)
+    # A batch is one micro-step's: `train.grad_accum` of them make the update's batch.
+    grad_accum = int(config.train.get("grad_accum", 1))
+    if grad_accum < 1 or global_batch_size % grad_accum:
+        raise ConfigError(f"config.train.global_batch_size={global_batch_size} must be a "
+                          f"multiple of config.train.grad_accum={grad_accum} (>= 1)")
+    batch_size = per_process_batch_size(global_batch_size // grad_accum, process_count)
     seq_len = int(require(data, "seq_len"))
     objective.validate(data)  # before the corpus is read or a tokenizer trained: fail fast
     if split not in splits.SPLITS:
@@ -187,7 +193,7 @@ def make_pretraining_dataset(
         tokenizer_vocab_size=tokenizer.vocab_size,
         seq_len=seq_len,
         batch_size=batch_size,
-        global_batch_size=global_batch_size,
+        global_batch_size=batch_size * process_count,
         process_index=process_index,
         process_count=process_count,
         num_documents=len(documents),

@@ -42,7 +42,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -217,7 +217,12 @@ def plan(config, topology: str | Topology) -> dict:
         "params_global_bytes": sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                                    for x in jax.tree.leaves(state.params)),
         "optimizer_bytes": device_bytes(state.opt_state),
+        # Residuals are split over the batch (data x fsdp); `tensor` splits only some
+        # (the heads' and the MLP's, not the residual stream's): with tensor > 1 the
+        # per-device bytes lie between these two.
         "activation_bytes": None if activations is None else activations / shards,
+        "activation_bytes_min": (None if activations is None else
+                                 activations / (shards * trainer.mesh.shape["tensor"])),
         "model_flops_per_step": flops, "xla_flops_per_device": cost.get("flops"),
         "ideal_step_s": flops / (peak * topo.devices) if flops and peak else None,
         "collectives": count_collectives(compiled.as_text()),
@@ -231,6 +236,15 @@ def plan(config, topology: str | Topology) -> dict:
                                  + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
         result["fits"] = result["total_bytes"] <= topo.hbm_bytes
     return result
+
+
+def _activations(result: dict, size: Callable) -> str:
+    """The saved activations' line: one number, or a range where `tensor` splits some."""
+    most, least = result["activation_bytes"], result.get("activation_bytes_min")
+    if most is None or least is None or least == most:
+        return f"{size(most)}  (saved for the backward; part of the temporaries)"
+    return (f"{size(least)} to {size(most)}  (saved for the backward; tensor="
+            f"{result['mesh']['tensor']} splits the heads' and the MLP's, not the stream's)")
 
 
 def report(result: dict) -> str:
@@ -250,8 +264,7 @@ def report(result: dict) -> str:
         f"  parameters          {size(result['params_bytes'])}  (of "
         f"{size(result['params_global_bytes'])} in all)",
         f"  optimizer state     {size(result['optimizer_bytes'])}",
-        f"  activations         {size(result['activation_bytes'])}  (saved for the backward; "
-        "part of the temporaries)",
+        f"  activations         {_activations(result, size)}",
         f"  temporaries         {size(result.get('temp_bytes'))}",
         f"  total               {size(result.get('total_bytes'))}  (arguments + outputs + "
         "temporaries - donated)",

@@ -115,7 +115,7 @@ def bench_one(model, params, weights: str, batch: int, prompt_len: int, new_toke
 
 def table(rows: list[dict]) -> str:
     cols = ["preset", "weights", "batch", "prefill ms", "prefill tok/s", "decode ms/step",
-            "decode tok/s", "weights MB", "KV cache MB", "step temp MB", "compiles"]
+            "decode tok/s", "weights MB", "KV cache MB", "step temp MB", "compiles", "load 1m"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join([
@@ -124,7 +124,8 @@ def table(rows: list[dict]) -> str:
             f"{r['decode_tokens_per_s']:.1f}", f"{r['weight_bytes'] / 1e6:.1f}",
             f"{r['kv_cache_bytes'] / 1e6:.2f}",
             "-" if r["decode_temp_bytes"] is None else f"{r['decode_temp_bytes'] / 1e6:.1f}",
-            str(r["decode_compilations"])]) + " |")
+            str(r["decode_compilations"]),
+            f"{r['loadavg_before'][0]:.1f}" if "loadavg_before" in r else "-"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -145,9 +146,11 @@ def main(argv=None) -> None:
         model, params = build(preset, args.prompt_len + args.new_tokens)
         for batch in (int(b) for b in args.batches.split(",")):
             for weights in args.weights.split(","):
+                row_load = os.getloadavg()  # 1/5/15 min: how busy the shared box was
                 row = dict(preset=preset, **bench_one(model, params, weights, batch,
                                                        args.prompt_len, args.new_tokens,
                                                        args.repeats))
+                row["loadavg_before"] = [round(x, 2) for x in row_load]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     command = "python benchmarks/generate.py " + " ".join(
@@ -155,7 +158,9 @@ def main(argv=None) -> None:
     device = jax.devices()[0]
     machine = (f"{cpu_model()}, {os.cpu_count()} cores, {device.platform} "
                f"({device.device_kind}); no GPU lent to this task; jax {jax.__version__}")
-    load = (f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
+    load_after = os.getloadavg()
+    load = (f"load average (1/5/15 min) {'/'.join(f'{x:.1f}' for x in load_before)} before, "
+            f"{'/'.join(f'{x:.1f}' for x in load_after)} after"
             + (f"; {args.load_note}" if args.load_note else ""))
     date = time.strftime("%Y-%m-%d")
     os.makedirs(args.out, exist_ok=True)

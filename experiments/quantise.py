@@ -163,15 +163,18 @@ def plot_low_rank(rows: list[dict], path: str) -> Optional[str]:
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         curves = {}
+        seeds = sorted({r["seed"] for r in chosen if r["model"] == model})
         for param in ("sp", "umup"):
             for tuned in (False, True):
-                pts = sorted((r["projection_params"], r["loss"]) for r in chosen
-                             if r["model"] == model and r["param"] == param
-                             and bool(r.get("finetune_steps")) == tuned
-                             and (r["kind"] == "low_rank" or not tuned))
-                if pts:
-                    curves[f"{param}{' + fine-tune' if tuned else ''}"] = (
-                        [p for p, _ in pts], [v for _, v in pts])
+                for seed in seeds:  # one curve per seed: pooling seeds would zigzag
+                    pts = sorted((r["projection_params"], r["loss"]) for r in chosen
+                                 if r["model"] == model and r["param"] == param
+                                 and r["seed"] == seed
+                                 and bool(r.get("finetune_steps")) == tuned
+                                 and (r["kind"] == "low_rank" or not tuned))
+                    if pts:
+                        curves[f"{param}{' + fine-tune' if tuned else ''} s{seed}"] = (
+                            [p for p, _ in pts], [v for _, v in pts])
         report.plot_curves(ax, curves, "eval loss", model)
         ax.set_xlabel("attention + MLP projection parameters")
         ax.xaxis.set_major_formatter(lambda v, _: f"{v / 1e3:.0f}k")

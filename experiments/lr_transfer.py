@@ -320,7 +320,7 @@ def build_report(args: argparse.Namespace, command: str) -> dict:
     saved = ([{"kind": "optimum", **o} for o in optima]
              + [{"kind": "run", **{k: r[k] for k in ("param", ax, "lr", "status", "loss",
                                                      "train_loss", "eval_loss", "step_s",
-                                                     "run_s")}} for r in rows])
+                                                     "run_s", "idle_s")}} for r in rows])
     paths = report.write_results(args.out, saved, markdown, command)
     paths["figure"] = figure
     return {"rows": rows, "optima": optima, "paths": paths}

@@ -132,6 +132,7 @@ def summary(args: argparse.Namespace, results: dict[str, dict], command: str) ->
                          "edge": [o[axis] for o in lr_transfer.complete_optima(
                                       result["optima"], param) if o["edge"]]})
     figure = _plot(args, results)
+    idle_min, idle_runs = _idle_minutes(args, results)
     fmt = {"grid": "+g", "fit": "+.2f", "fit_span": ".2f"}
     table = [{**r, "edge at": ",".join(map(str, r["edge"]))} for r in rows]
     markdown = "\n".join([
@@ -147,10 +148,26 @@ def summary(args: argparse.Namespace, results: dict[str, dict], command: str) ->
         "",
         report.markdown_table(table, ["axis", "param", "values", "from", "to", "grid", "fit",
                                       "fit_span", "edge at", "runs"], fmt),
+        "",
+        f"Idle-box estimate of the training time (`lr_transfer.idle_seconds`, each distinct "
+        f"run once: the base run shared by the axes counts once): {idle_min:.1f} min over "
+        f"{idle_runs} finished runs.",
     ])
     paths = report.write_results(args.out, rows, markdown, command)
     paths["figure"] = figure
     return {"rows": rows, "paths": paths}
+
+
+def _idle_minutes(args: argparse.Namespace, results: dict[str, dict]) -> tuple[float, int]:
+    """Summed idle-box estimate over the distinct finished runs, and their count."""
+    seen = {}
+    for axis, result in results.items():
+        for r in result["rows"]:
+            if r.get("idle_s"):
+                config = {a: getattr(args, flag) for a, flag in _BASE.items()}
+                config[axis] = r[axis]
+                seen[(r["param"], r["lr"], *sorted(config.items()))] = r["idle_s"]
+    return sum(seen.values()) / 60, len(seen)
 
 
 def _runs_done(optima: Sequence[dict], param: str) -> str:

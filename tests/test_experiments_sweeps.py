@@ -332,6 +332,8 @@ def test_transfer_report_from_fake_runs(tmp_path, capsys):
     assert moves["depth", "umup"]["grid"] == 0 and moves["batch", "sp"]["grid"] == 0
     assert moves["depth", "sp"]["runs"] == "14/15" and moves["depth", "umup"]["to"] == 8
     assert "| depth | sp | 2,4,8 | 2 | 4 | -1 | -1.00 |" in _read(tmp_path / "out" / "results.md")
+    # 29 depth + 20 batch + 20 steps runs, less the 10 at depth 2 = batch 16 (the base)
+    assert "over 59 finished runs" in _read(tmp_path / "out" / "results.md")
     for axis in transfer.AXES:
         assert (tmp_path / "out" / axis / f"{axis}.png").stat().st_size > 0
         assert f"Optimum per {axis}" in _read(tmp_path / "out" / axis / "results.md")

@@ -149,9 +149,9 @@ def summary(args: argparse.Namespace, results: dict[str, dict], command: str) ->
         report.markdown_table(table, ["axis", "param", "values", "from", "to", "grid", "fit",
                                       "fit_span", "edge at", "runs"], fmt),
         "",
-        f"Idle-box estimate of the training time (`lr_transfer.idle_seconds`, each distinct "
-        f"run once: the base run shared by the axes counts once): {idle_min:.1f} min over "
-        f"{idle_runs} finished runs.",
+        f"Idle-box estimate of the training time: {idle_min:.1f} min over {idle_runs} "
+        "finished runs (`lr_transfer.idle_seconds` per run; the base run shared by the axes "
+        "counts once; every run of a shape at the fastest estimate of that shape's runs).",
     ])
     paths = report.write_results(args.out, rows, markdown, command)
     paths["figure"] = figure
@@ -159,15 +159,19 @@ def summary(args: argparse.Namespace, results: dict[str, dict], command: str) ->
 
 
 def _idle_minutes(args: argparse.Namespace, results: dict[str, dict]) -> tuple[float, int]:
-    """Summed idle-box estimate over the distinct finished runs, and their count."""
-    seen = {}
+    """Idle-box estimate of the distinct finished runs' training, in minutes, and their
+    count. Runs of one shape (layers, batch, steps) cost the same whatever the param and
+    lr, so each counts at the fastest estimate among its shape's runs: a run trained
+    under heavy load (every step slow) does not inflate the total."""
+    shapes: dict[tuple, dict[tuple, float]] = {}
     for axis, result in results.items():
         for r in result["rows"]:
             if r.get("idle_s"):
                 config = {a: getattr(args, flag) for a, flag in _BASE.items()}
                 config[axis] = r[axis]
-                seen[(r["param"], r["lr"], *sorted(config.items()))] = r["idle_s"]
-    return sum(seen.values()) / 60, len(seen)
+                shapes.setdefault(tuple(sorted(config.items())), {})[r["param"], r["lr"]] = r["idle_s"]
+    runs = sum(len(s) for s in shapes.values())
+    return sum(len(s) * min(s.values()) for s in shapes.values()) / 60, runs
 
 
 def _runs_done(optima: Sequence[dict], param: str) -> str:

@@ -226,10 +226,27 @@ def run_sweep(args: argparse.Namespace, todo: list[dict[str, str]], extra: Seque
     return wall_s
 
 
+def idle_seconds(logged: Sequence[tuple[int, float]]) -> float:
+    """An idle-box estimate of one run's training time from its own logs: `logged` is
+    (step, perf/step_s) per log line, step_s being the mean over the steps since the
+    previous log. The first interval (it holds the compile) counts as logged, every
+    later step at the 10th percentile of the later intervals: a shared box slows most
+    of a run's intervals but not all, and the fast tail is the idle speed. Process
+    start-up and data loading before the first step are left out."""
+    if not logged:
+        raise ValueError("idle_seconds: no perf/step_s logged; train with log_every >= 1")
+    (first, first_s), rest = logged[0], sorted(s for _, s in logged[1:]) or [logged[0][1]]
+    return first * first_s + (logged[-1][0] - first) * rest[len(rest) // 10]
+
+
 def timing(args: argparse.Namespace, rows: Sequence[dict]) -> str:
-    """The runs' summed training time and the logged sweeps' wall times."""
+    """The runs' summed training time, its idle-box estimate and the logged sweeps'
+    wall times."""
+    idle = [r["idle_s"] for r in rows if r.get("idle_s")]
     text = (f"Sum of the runs' training times (first step to last log): "
-            f"{sum(r['run_s'] or 0.0 for r in rows) / 60:.1f} min.")
+            f"{sum(r['run_s'] or 0.0 for r in rows) / 60:.1f} min; idle-box estimate from "
+            f"their fastest steps (`lr_transfer.idle_seconds`; {len(idle)} runs): "
+            f"{sum(idle) / 60:.1f} min.")
     log = sweep.read_metrics(args.workdir, SWEEP_LOG)
     if log:
         text += " Sweeps logged in the workdir (wall time incl. start-up; runs trained): " + "; ".join(
@@ -247,13 +264,15 @@ def load_run(workdir: str, tail: float) -> dict:
     if status == "failed" and run_dir.diverged():
         status = "diverged"
     row: dict = {"status": status, "train_loss": None, "eval_loss": None,
-                 "step_s": None, "run_s": None}
+                 "step_s": None, "run_s": None, "idle_s": None}
     if status == "done" and steps:
         row["train_loss"] = sweep.tail_mean(metrics, "train/loss", steps - int(tail * steps) + 1)
         row["eval_loss"] = sweep.tail_mean(metrics, "eval/loss", steps)
         step_s = [m["perf/step_s"] for m in metrics if "perf/step_s" in m]
         row["step_s"] = sorted(step_s)[len(step_s) // 2] if step_s else None  # median
         row["run_s"] = run_dir.metrics_path.stat().mtime - run_dir.config_path.stat().mtime
+        logged = [(m["step"], m["perf/step_s"]) for m in metrics if "perf/step_s" in m]
+        row["idle_s"] = idle_seconds(logged) if logged else None
     return row
 
 
@@ -301,7 +320,7 @@ def build_report(args: argparse.Namespace, command: str) -> dict:
     saved = ([{"kind": "optimum", **o} for o in optima]
              + [{"kind": "run", **{k: r[k] for k in ("param", ax, "lr", "status", "loss",
                                                      "train_loss", "eval_loss", "step_s",
-                                                     "run_s")}} for r in rows])
+                                                     "run_s", "idle_s")}} for r in rows])
     paths = report.write_results(args.out, saved, markdown, command)
     paths["figure"] = figure
     return {"rows": rows, "optima": optima, "paths": paths}

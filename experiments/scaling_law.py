@@ -188,7 +188,7 @@ def collect(args, todo: Sequence[dict[str, str]]) -> list[dict]:
         rows.append({"param": p["param"], "depth": depth, "d_model": int(p["config.model.d_model"]),
                      "steps": steps, "lr": float(p["config.train.lr"]), "N": n, "D": d,
                      "C": 6.0 * n * d, "status": run["status"], "loss": run["eval_loss"],
-                     "run_s": run["run_s"]})
+                     "run_s": run["run_s"], "idle_s": run["idle_s"]})
     return rows
 
 

@@ -132,6 +132,7 @@ def summary(args: argparse.Namespace, results: dict[str, dict], command: str) ->
                          "edge": [o[axis] for o in lr_transfer.complete_optima(
                                       result["optima"], param) if o["edge"]]})
     figure = _plot(args, results)
+    idle_min, idle_runs = _idle_minutes(args, results)
     fmt = {"grid": "+g", "fit": "+.2f", "fit_span": ".2f"}
     table = [{**r, "edge at": ",".join(map(str, r["edge"]))} for r in rows]
     markdown = "\n".join([
@@ -147,10 +148,30 @@ def summary(args: argparse.Namespace, results: dict[str, dict], command: str) ->
         "",
         report.markdown_table(table, ["axis", "param", "values", "from", "to", "grid", "fit",
                                       "fit_span", "edge at", "runs"], fmt),
+        "",
+        f"Idle-box estimate of the training time: {idle_min:.1f} min over {idle_runs} "
+        "finished runs (`lr_transfer.idle_seconds` per run; the base run shared by the axes "
+        "counts once; every run of a shape at the fastest estimate of that shape's runs).",
     ])
     paths = report.write_results(args.out, rows, markdown, command)
     paths["figure"] = figure
     return {"rows": rows, "paths": paths}
+
+
+def _idle_minutes(args: argparse.Namespace, results: dict[str, dict]) -> tuple[float, int]:
+    """Idle-box estimate of the distinct finished runs' training, in minutes, and their
+    count. Runs of one shape (layers, batch, steps) cost the same whatever the param and
+    lr, so each counts at the fastest estimate among its shape's runs: a run trained
+    under heavy load (every step slow) does not inflate the total."""
+    shapes: dict[tuple, dict[tuple, float]] = {}
+    for axis, result in results.items():
+        for r in result["rows"]:
+            if r.get("idle_s"):
+                config = {a: getattr(args, flag) for a, flag in _BASE.items()}
+                config[axis] = r[axis]
+                shapes.setdefault(tuple(sorted(config.items())), {})[r["param"], r["lr"]] = r["idle_s"]
+    runs = sum(len(s) for s in shapes.values())
+    return sum(len(s) * min(s.values()) for s in shapes.values()) / 60, runs
 
 
 def _runs_done(optima: Sequence[dict], param: str) -> str:

@@ -261,6 +261,17 @@ def test_sweep_wall_time_is_logged_and_reported(tmp_path, monkeypatch, capsys):
     assert "--report_only" not in md and "Sweeps logged in the workdir" in md and ", 2." in md
 
 
+def test_idle_seconds_counts_the_compile_interval_then_the_fast_tail():
+    # log_every 10 over 100 steps: the first interval (compile) as logged, then the
+    # other 90 steps at the 10th percentile of the later intervals, not at their mean.
+    later = [0.2] * 8 + [0.9]  # a loaded box slowed one interval
+    logged = [(10, 2.0), *((10 * (i + 2), s) for i, s in enumerate(later))]
+    assert lr_transfer.idle_seconds(logged) == pytest.approx(10 * 2.0 + 90 * 0.2)
+    assert lr_transfer.idle_seconds([(1, 5.0)]) == pytest.approx(5.0)  # one step: compile only
+    with pytest.raises(ValueError, match="perf/step_s"):
+        lr_transfer.idle_seconds([])
+
+
 def test_lr_transfer_other_axes_set_only_their_field(capsys, tmp_path):
     for axis, flag in (("depth", "config.model.num_layers"),
                        ("batch", "config.train.global_batch_size"), ("steps", "config.train.steps")):
@@ -321,6 +332,8 @@ def test_transfer_report_from_fake_runs(tmp_path, capsys):
     assert moves["depth", "umup"]["grid"] == 0 and moves["batch", "sp"]["grid"] == 0
     assert moves["depth", "sp"]["runs"] == "14/15" and moves["depth", "umup"]["to"] == 8
     assert "| depth | sp | 2,4,8 | 2 | 4 | -1 | -1.00 |" in _read(tmp_path / "out" / "results.md")
+    # 29 depth + 20 batch + 20 steps runs, less the 10 at depth 2 = batch 16 (the base)
+    assert "over 59 finished runs" in _read(tmp_path / "out" / "results.md")
     for axis in transfer.AXES:
         assert (tmp_path / "out" / axis / f"{axis}.png").stat().st_size > 0
         assert f"Optimum per {axis}" in _read(tmp_path / "out" / axis / "results.md")

@@ -1,6 +1,7 @@
 """benchmarks/speed.py: the FP8-GEMM detectors, the matmul limit and an end-to-end smoke
-run; benchmarks/attention.py: a smoke run."""
+run; benchmarks/attention.py: a smoke run; benchmarks/profile_summary.py."""
 
+import gzip
 import json
 import sys
 
@@ -146,3 +147,22 @@ def test_vs_torch_reference_ratios_are_paired_per_round():
     assert jax_side["ratio_to_torch_rounds"] == [2.0, 1.5]
     assert jax_side["ratio_to_torch"] == 1.75 and jax_side["cpu_ratio_to_torch"] == 1.5
     assert result["load_1min"] == {"min": 3.0, "median": 6.0, "max": 9.0}
+
+
+def test_profile_summary_groups_ops_by_kind(tmp_path, capsys):
+    import profile_summary
+
+    xla = [{"ph": "X", "pid": 1, "tid": 7, "name": n, "dur": d} for n, d in (
+        ("ynn_fusion.3", 60), ("dot.1", 20), ("multiply_add_fusion.12", 15),
+        ("multiply_add_fusion.2", 5), ("ThunkExecutor::Execute", 1000))]
+    host = [{"ph": "X", "pid": 1, "tid": 1, "name": "$train.py:1 f", "dur": 999}]
+    names = [{"ph": "M", "pid": 1, "tid": t, "name": "thread_name", "args": {"name": n}}
+             for t, n in ((7, "tf_XLAEigen/1"), (1, "python"))]
+    directory = tmp_path / "plugins" / "profile" / "1"
+    directory.mkdir(parents=True)
+    with gzip.open(directory / "vm.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": xla + host + names}, f)
+    assert profile_summary.main([str(tmp_path), "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "op time per step: 0.1 ms" in out  # 100 us of ops over 2 steps
+    assert "| matmul | 80.0% |" in out and "| multiply_add_fusion | 20.0% |" in out

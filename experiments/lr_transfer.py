@@ -50,6 +50,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Optional
 
 from experiments import report, sweep
 from unit_scaling.train.rundir import RunDir
@@ -467,16 +468,22 @@ def command_of(name: str, argv: Sequence[str]) -> str:
                        *(a for a in argv if a != "--report_only")])
 
 
-def experiment_main(name: str, argv: Sequence[str] | None, parse: Callable, todo: Callable,
-                    build: Callable) -> int:
+def experiment_main(name: str, argv: Sequence[str] | None, parse: Callable,
+                    todo: Optional[Callable], build: Callable,
+                    train: Optional[Callable] = None) -> int:
     """The command line of an experiment: `parse(argv) -> (args, extra)`, then train (or
-    print) `todo(args)` unless --report_only, then `build(args, command)`; the command
-    recorded is the one that trains (without --report_only)."""
+    print) unless --report_only, then `build(args, command)`; the command recorded is
+    the one that trains (without --report_only). Training is `run_sweep` over
+    `todo(args)`, or `train(args, extra, command)` for an experiment whose points carry
+    their own shapes and steps (`scaling_law`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parse(argv)
     command = command_of(name, argv)
     if not args.report_only:
-        run_sweep(args, todo(args), extra, command)
+        if train is not None:
+            train(args, extra, command)
+        else:
+            run_sweep(args, todo(args), extra, command)
         if args.print:
             return 0
     result = build(args, command)

@@ -35,14 +35,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
-from experiments import report, sweep
+from experiments import lr_transfer, report, sweep
 from experiments.lr_transfer import FAST_COMPILE, SWEEP_LOG, fmt_pow2, load_run, parse_log2, timing
 from unit_scaling import scaling_law as sl
 from unit_scaling.train.rundir import RunDir
@@ -387,18 +386,8 @@ def _sp_section(args, umup, sp, sp_best) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args, extra = parse_args(argv)
-    command = shlex.join(["python", "-m", "experiments.scaling_law",
-                          *(a for a in argv if a != "--report_only")])
-    if not args.report_only:
-        train(args, extra, command)
-        if args.print:
-            return 0
-    result = build_report(args, command)
-    with open(result["paths"]["md"]) as f:
-        print(f.read())
-    return 0
+    return lr_transfer.experiment_main("scaling_law", argv, parse_args, None, build_report,
+                                       train=train)
 
 
 if __name__ == "__main__":

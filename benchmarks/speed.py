@@ -65,6 +65,7 @@ import numpy as np
 from configs import common
 from configs.common import load_config
 from experiments.report import machine, markdown_table
+from unit_scaling import host_memory
 from unit_scaling.data import pipeline as pipeline_lib
 from unit_scaling.precision import Precision
 from unit_scaling.train import metrics as metrics_lib
@@ -601,6 +602,7 @@ def write(rows: Sequence[dict], args: argparse.Namespace, command: str,
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the benchmark; returns {"rows", "paths", "markdown"}."""
     args = parse_args(argv)
+    host_memory.keep_freed_memory()  # as train.py: before JAX's CPU client exists
     argv = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["python", "benchmarks/speed.py", *argv])
     load = os.getloadavg()[0]

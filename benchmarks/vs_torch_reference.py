@@ -27,6 +27,13 @@ hidden size `4 * d_model` as the reference. It does more per step than the
 reference: RoPE, segment-id masking (packed documents), a weighted loss, the
 accuracy metric, the learning-rate schedule, and the loss / norm / RMS metrics.
 
+This side runs with glibc's malloc set as `train.py` sets it
+(`unit_scaling/host_memory.py`: one arena that keeps freed memory, so a step's
+temporaries are not page-faulted in afresh every step). The reference is timed twice,
+as two workers: as torch runs by default ("torch") and with the same malloc setting
+("torch, kept memory"; `--torch_malloc` picks), so that the ratio to the second is what
+the code, not the allocator, buys.
+
 Interleaving: every round times `--steps` steps of each side (blocking on each
 step's outputs), in an order that alternates between rounds, so that load from
 other processes on a shared machine slows both alike; the load average is recorded
@@ -39,6 +46,7 @@ wall time, though not immune: caches and memory bandwidth are shared).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -53,15 +61,25 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 # The shape of issue #17: u-μP causal LM, width 256, 4 layers, seq 256, batch 8.
 SHAPE = dict(d_model=256, layers=4, heads=4, seq_len=256, batch=8, vocab=8192)
+# The reference's sides by glibc malloc setting: as torch runs by default, and as this
+# project's train.py sets it (`unit_scaling/host_memory.py`), which this side always runs.
+TORCH_SIDES = {"default": "torch", "keep_freed": "torch, kept memory"}
 
 
 # ----------------------------------------------------------------------------- torch side
 # Runs in the torch environment: imports nothing from this repository.
 
 
-def torch_worker(shape: dict, warmup: int) -> None:
+def torch_worker(shape: dict, warmup: int, keep_freed: bool) -> None:
     """Builds and compiles the reference step, then answers `{"steps": n}` lines on
-    stdin with `{"wall": [...], "cpu": [...]}` (seconds per step) on stdout."""
+    stdin with `{"wall": [...], "cpu": [...]}` (seconds per step) on stdout.
+    `keep_freed`: glibc's malloc set as this project's `train.py` sets it."""
+    if keep_freed:  # by path: this interpreter must not import this repository's package
+        spec = importlib.util.spec_from_file_location(
+            "host_memory", REPO / "unit_scaling" / "host_memory.py")
+        host_memory = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(host_memory)
+        keep_freed = host_memory.keep_freed_memory()
     import torch
     import unit_scaling as uu  # the PyTorch library, not this repository
 
@@ -84,7 +102,7 @@ def torch_worker(shape: dict, warmup: int) -> None:
     info = {"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "unit_scaling": getattr(uu, "__version__", "?"),
             "num_params": sum(p.numel() for p in model.parameters()),
-            "compile_and_warmup_s": time.perf_counter() - start,
+            "compile_and_warmup_s": time.perf_counter() - start, "keep_freed": keep_freed,
             "compiled": ["model.loss (forward + backward)", "optimizer.step"]}
     print(json.dumps(info), flush=True)
     for line in sys.stdin:
@@ -166,39 +184,43 @@ def cpu_model() -> str:
 
 def measure(args: argparse.Namespace) -> dict:
     """Runs the interleaved rounds; returns the result dict (see `summarize`)."""
-    sys.path.insert(0, str(REPO))
     import jax
 
     shape = dict(SHAPE, **{k: getattr(args, k) for k in SHAPE if getattr(args, k) is not None})
     params = args.params.split(",")
     from benchmarks.ab_trees import LineWorker
 
-    torch_ref = LineWorker([args.torch_python, "-I", __file__, "--torch_worker", "--shape",
-                            json.dumps(shape), "--warmup", str(args.warmup)])
+    torch_sides = {TORCH_SIDES[m]: m for m in args.torch_malloc.split(",")}
+    workers = {}
     try:
+        for side, malloc in torch_sides.items():
+            workers[side] = LineWorker(
+                [args.torch_python, "-I", __file__, "--torch_worker", "--shape", json.dumps(shape),
+                 "--warmup", str(args.warmup)] + (["--keep_freed"] if malloc == "keep_freed" else []))
         benches = jax_benches(shape, params, args.override)
         for bench in benches:
             bench.state = bench.init()
             time_jax(bench, args.warmup)
-        sides = [f"jax {b.param}" for b in benches] + ["torch"]
+        sides = [f"jax {b.param}" for b in benches] + list(torch_sides)
         rounds = []
         for r in range(args.rounds):
             order = sides[r % len(sides):] + sides[:r % len(sides)]
             row = {"round": r, "load_1min": os.getloadavg()[0], "order": order}
             for side in order:
-                if side == "torch":
-                    row[side] = torch_ref.run(args.steps)
+                if side in workers:
+                    row[side] = workers[side].run(args.steps)
                 else:
                     row[side] = time_jax(benches[sides.index(side)], args.steps)
             rounds.append(row)
             print(f"round {r}: load {row['load_1min']:.1f}, " + ", ".join(
                 f"{s} {statistics.median(row[s]['wall']) * 1e3:.0f} ms" for s in sides),
                 flush=True)
-        info = torch_ref.info
+        info = {side: worker.info for side, worker in workers.items()}
     finally:
-        torch_ref.close()
+        for worker in workers.values():
+            worker.close()
     tokens = shape["batch"] * shape["seq_len"]
-    return summarize(rounds, sides, tokens, {
+    return summarize(rounds, sides, list(torch_sides), tokens, {
         "shape": shape, "params": params, "overrides": list(args.override),
         "rounds": args.rounds, "steps_per_round": args.steps, "warmup": args.warmup,
         "torch": info, "jax": jax.__version__,
@@ -208,24 +230,26 @@ def measure(args: argparse.Namespace) -> dict:
     })
 
 
-def summarize(rounds: list[dict], sides: Sequence[str], tokens: int, meta: dict) -> dict:
+def summarize(rounds: list[dict], sides: Sequence[str], references: Sequence[str], tokens: int,
+              meta: dict) -> dict:
     """Median tokens/s of each side, and the median over rounds of each JAX side's
-    paired ratio to torch (wall and CPU seconds)."""
+    paired ratio to each torch side (`references`; wall and CPU seconds)."""
     result = dict(meta, tokens_per_step=tokens, rounds_data=rounds, sides={})
+
+    def paired(side: str, ref: str, clock: str) -> list[float]:
+        return [statistics.median(r[ref][clock]) / statistics.median(r[side][clock]) for r in rounds]
+
     for side in sides:
         wall = [t for r in rounds for t in r[side]["wall"]]
         cpu = [t for r in rounds for t in r[side]["cpu"]]
         entry = {"tokens_per_s": tokens / statistics.median(wall),
                  "step_ms": statistics.median(wall) * 1e3,
                  "cpu_s_per_step": statistics.median(cpu)}
-        if side != "torch":
-            per_round = [statistics.median(r["torch"]["wall"]) / statistics.median(r[side]["wall"])
-                         for r in rounds]
-            per_round_cpu = [statistics.median(r["torch"]["cpu"]) / statistics.median(r[side]["cpu"])
-                             for r in rounds]
-            entry.update(ratio_to_torch=statistics.median(per_round),
-                         ratio_to_torch_rounds=per_round,
-                         cpu_ratio_to_torch=statistics.median(per_round_cpu))
+        if side not in references:
+            entry["ratio_to"] = {ref: {"wall": statistics.median(paired(side, ref, "wall")),
+                                       "wall_rounds": paired(side, ref, "wall"),
+                                       "cpu": statistics.median(paired(side, ref, "cpu"))}
+                                 for ref in references}
         result["sides"][side] = entry
     loads = [r["load_1min"] for r in rounds]
     result["load_1min"] = {"min": min(loads), "median": statistics.median(loads), "max": max(loads)}
@@ -233,7 +257,9 @@ def summarize(rounds: list[dict], sides: Sequence[str], tokens: int, meta: dict)
 
 
 def markdown(result: dict, command: str) -> str:
-    shape, torch_info = result["shape"], result["torch"]
+    shape, infos = result["shape"], result["torch"]
+    torch_info = next(iter(infos.values()))
+    refs = list(infos)
     lines = [
         f"Command: `{command}`", "",
         f"Machine: {result['cpu']}, {result['cpu_count']} CPU cores; jax {result['jax']}, torch "
@@ -247,22 +273,27 @@ def markdown(result: dict, command: str) -> str:
         f"backward, AdamW). {result['rounds']} interleaved rounds of {result['steps_per_round']} "
         f"steps per side after {result['warmup']} warm-up steps. Torch: "
         f"`unit_scaling.TransformerDecoder` ({torch_info['num_params']:,} parameters), "
-        f"torch.compile of {' and '.join(torch_info['compiled'])} "
-        f"(compile + warm-up {torch_info['compile_and_warmup_s']:.0f} s). JAX: "
-        "`configs/causal_lm.py` at that shape, the step `train.py` runs "
+        f"torch.compile of {' and '.join(torch_info['compiled'])} (compile + warm-up "
+        + ", ".join(f"{i['compile_and_warmup_s']:.0f} s" for i in infos.values()) + "). JAX: "
+        "`configs/causal_lm.py` at that shape, the step `train.py` runs, with glibc's malloc "
+        "set as `train.py` sets it (`unit_scaling/host_memory.py`: one arena, freed memory "
+        "kept; \"torch, kept memory\" is the reference with the same setting) "
         f"({', '.join(f'{p} {n:,}' for p, n in result['jax_num_params'].items())} parameters).",
-        "", "| side | step ms | tokens/s | ratio to torch (wall) | ratio to torch (CPU s) |",
-        "|---|---|---|---|---|"]
+        "", "| side | step ms | tokens/s | " + " | ".join(
+            f"ratio to {ref} (wall) | ratio to {ref} (CPU s)" for ref in refs) + " |",
+        "|---|---|---|" + "---|---|" * len(refs)]
     for side, e in result["sides"].items():
-        ratio = f"{e['ratio_to_torch']:.2f}" if "ratio_to_torch" in e else "1"
-        cpu_ratio = f"{e['cpu_ratio_to_torch']:.2f}" if "cpu_ratio_to_torch" in e else "1"
-        lines.append(f"| {side} | {e['step_ms']:.0f} | {e['tokens_per_s']:.0f} | {ratio} | "
-                     f"{cpu_ratio} |")
+        ratios = e.get("ratio_to", {})
+        cells = [f"{ratios[ref]['wall']:.2f} | {ratios[ref]['cpu']:.2f}" if ref in ratios
+                 else "- | -" for ref in refs]
+        lines.append(f"| {side} | {e['step_ms']:.0f} | {e['tokens_per_s']:.0f} | "
+                     + " | ".join(cells) + " |")
     lines += ["", "Ratios are medians over rounds of the paired per-round ratio (> 1: this "
               "project is faster); tokens/s are medians over all timed steps. Per-round wall "
               "ratios: " + "; ".join(
-                  f"{s}: " + ", ".join(f"{x:.2f}" for x in e["ratio_to_torch_rounds"])
-                  for s, e in result["sides"].items() if "ratio_to_torch_rounds" in e) + "."]
+                  f"{s} to {ref}: " + ", ".join(f"{x:.2f}" for x in r["wall_rounds"])
+                  for s, e in result["sides"].items() for ref, r in e.get("ratio_to", {}).items())
+              + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -272,6 +303,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--torch_python", default=os.environ.get("TORCH_PYTHON"),
                         help="python of an environment with torch and unit-scaling==0.3.5 "
                              "(default: $TORCH_PYTHON)")
+    parser.add_argument("--torch_malloc", default=",".join(TORCH_SIDES),
+                        help="the reference's glibc malloc settings to time, comma list of "
+                             + " / ".join(TORCH_SIDES) + " (default: both)")
     parser.add_argument("--params", default="umup",
                         help="this project's parametrizations to time (comma list)")
     parser.add_argument("--rounds", type=int, default=10)
@@ -286,19 +320,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default="vs_torch_reference_cpu")
     parser.add_argument("--torch_worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--keep_freed", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps, args.warmup = 3, 2, 1
     if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--rounds and --steps must be >= 1, --warmup >= 0")
+    unknown = set(args.torch_malloc.split(",")) - set(TORCH_SIDES)
+    if unknown:
+        parser.error(f"--torch_malloc: unknown {sorted(unknown)}; use {', '.join(TORCH_SIDES)}")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.torch_worker:
-        torch_worker(json.loads(args.shape), args.warmup)
+        torch_worker(json.loads(args.shape), args.warmup, args.keep_freed)
         return {}
+    sys.path.insert(0, str(REPO))
+    from unit_scaling import host_memory
+
+    host_memory.keep_freed_memory()  # as train.py: before JAX's CPU client exists
     args.torch_python = check_torch_python(args.torch_python)
     argv = sys.argv[1:] if argv is None else list(argv)
     shown, skip = [], False  # the command without the (machine-specific) torch path

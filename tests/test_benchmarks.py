@@ -139,13 +139,18 @@ def test_vs_torch_reference_ratios_are_paired_per_round():
     import vs_torch_reference
 
     rounds = [{"load_1min": 3.0, "jax umup": {"wall": [1.0, 1.0], "cpu": [2.0, 2.0]},
-               "torch": {"wall": [2.0, 2.0], "cpu": [3.0, 3.0]}},
+               "torch": {"wall": [2.0, 2.0], "cpu": [3.0, 3.0]},
+               "torch, kept memory": {"wall": [1.0, 1.0], "cpu": [2.0, 2.0]}},
               {"load_1min": 9.0, "jax umup": {"wall": [4.0, 4.0], "cpu": [2.0, 2.0]},
-               "torch": {"wall": [6.0, 6.0], "cpu": [3.0, 3.0]}}]
-    result = vs_torch_reference.summarize(rounds, ["jax umup", "torch"], 100, {})
-    jax_side = result["sides"]["jax umup"]
-    assert jax_side["ratio_to_torch_rounds"] == [2.0, 1.5]
-    assert jax_side["ratio_to_torch"] == 1.75 and jax_side["cpu_ratio_to_torch"] == 1.5
+               "torch": {"wall": [6.0, 6.0], "cpu": [3.0, 3.0]},
+               "torch, kept memory": {"wall": [2.0, 2.0], "cpu": [2.0, 2.0]}}]
+    refs = ["torch", "torch, kept memory"]
+    result = vs_torch_reference.summarize(rounds, ["jax umup", *refs], refs, 100, {})
+    to = result["sides"]["jax umup"]["ratio_to"]
+    assert to["torch"]["wall_rounds"] == [2.0, 1.5]
+    assert to["torch"]["wall"] == 1.75 and to["torch"]["cpu"] == 1.5
+    assert to["torch, kept memory"]["wall_rounds"] == [1.0, 0.5]
+    assert "ratio_to" not in result["sides"]["torch"]
     assert result["load_1min"] == {"min": 3.0, "median": 6.0, "max": 9.0}
 
 

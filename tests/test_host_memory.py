@@ -1,0 +1,48 @@
+"""`host_memory.keep_freed_memory`: a step's temporaries stop page-faulting in again."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from unit_scaling import host_memory
+
+# x @ w is a 64 MiB temporary of a jitted call: page faults per call after warm-up.
+_FAULTS_PER_CALL = """
+import json, resource, sys
+from unit_scaling import host_memory
+kept = sys.argv[1] == "keep" and host_memory.keep_freed_memory()
+import jax, jax.numpy as jnp
+x, w = jnp.ones((16384, 64), jnp.float32), jnp.ones((64, 1024), jnp.float32)
+step = jax.jit(lambda x, w: (x.T @ (x @ w)).sum()).lower(x, w).compile()
+for _ in range(3):
+    step(x, w).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step(x, w).block_until_ready()
+print(json.dumps({"kept": bool(kept),
+                  "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3}))
+"""
+
+
+def _faults(mode: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _FAULTS_PER_CALL, mode], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_kept_memory_is_not_faulted_in_again_each_call():
+    kept, default = _faults("keep"), _faults("default")
+    if not kept["kept"]:
+        pytest.skip("not glibc: keep_freed_memory does nothing here")
+    # 64 MiB is 16k pages: the default allocator maps them afresh every call.
+    assert default["faults"] > 8000, default
+    assert kept["faults"] < default["faults"] / 2, (kept, default)
+
+
+def test_only_where_jax_runs_on_the_cpu(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    assert not host_memory.runs_on_cpu() and not host_memory.keep_freed_memory()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert host_memory.runs_on_cpu()

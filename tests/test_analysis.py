@@ -112,8 +112,7 @@ def test_scaled_linear_is_one_op_with_its_documented_scales():
 
     eqn = activations(track_scales(U.linear, cotangent=g, granularity="eqn")(x, w))
     ops = [r.op for r in eqn]
-    # One op: the matmul with its forward scale and scaled backward (`_dense` folds the
-    # output scale into the kernel, the smaller operand here).
+    # One op: the matmul with its forward scale and scaled backward (`_dense`).
     assert ops == ["custom_vjp:_dense"]
 
 

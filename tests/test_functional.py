@@ -687,6 +687,34 @@ def test_float16_runs_finite():
                for g in jax.tree.leaves(grads))
 
 
+def test_linear_scales_multiply_gemm_outputs_outside_fp16():
+    # XLA fuses a scalar multiply on a GEMM's output into the op that consumes it; one
+    # on an operand (the kernel, the activation) is a pass of its own every step.
+    x, w, b = normal(0, (4, 16, 8)), normal(1, (8, 32)), normal(2, (32,))
+
+    def step(x, w, b):
+        y, vjp = jax.vjp(lambda x, w, b: U.linear(x, w, b), x, w, b)
+        return y, vjp(jnp.ones_like(y))
+
+    inner = [e for outer in jax.make_jaxpr(step)(x, w, b).jaxpr.eqns for e in _sub_eqns(outer)]
+    made_by = {v: e.primitive.name for e in inner for v in e.outvars}
+    scales = [e for e in inner if e.primitive.name == "mul"]
+    assert len(scales) == 4, scales  # y, g_x, g_kernel, g_bias
+    for e in scales:
+        var = next(v for v in e.invars if not hasattr(v, "val"))  # not the literal scale
+        assert made_by.get(var) in ("dot_general", "reduce_sum", "add"), e
+
+
+def _sub_eqns(eqn):
+    """`eqn` and, recursively, the equations of the jaxprs it calls."""
+    yield eqn
+    for param in eqn.params.values():
+        for sub in (param if isinstance(param, (list, tuple)) else [param]):
+            jaxpr = getattr(sub, "jaxpr", sub)
+            for inner in getattr(jaxpr, "eqns", []):
+                yield from _sub_eqns(inner)
+
+
 def test_linear_weight_gradient_does_not_overflow_fp16():
     # 4096 tokens whose output gradients all agree: the unscaled weight-gradient sum
     # (4096 * 30 = 122880) is past fp16's 65504, the B^-1/2-scaled one (1920) is not.

@@ -26,9 +26,11 @@ import time
 from collections.abc import Sequence
 
 # What a worker runs (python -c), in its tree, with argv = spec, param, precision,
-# overrides (JSON), warmup.
+# overrides (JSON), warmup, and the path of *this* tree's host_memory.py: every tree
+# runs with glibc's malloc set as train.py sets it, older trees included.
 _WORKER = r"""
-import json, sys, time
+import json, runpy, sys, time
+runpy.run_path(sys.argv[6])["keep_freed_memory"]()
 sys.path.insert(0, ".")
 from benchmarks import speed
 spec, param, precision, overrides, warmup = sys.argv[1:6]
@@ -99,8 +101,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     trees = dict(item.split("=", 1) for item in args.trees.split(","))
     overrides = dict(item.split("=", 1) for item in args.override)
+    host_memory = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "unit_scaling", "host_memory.py")
     worker_args = [args.config, args.param, args.precision, json.dumps(overrides),
-                   str(args.warmup)]
+                   str(args.warmup), host_memory]
     names = list(trees)
     workers = {}
     try:

@@ -46,10 +46,10 @@ wall time, though not immune: caches and memory bandwidth are shared).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
+import runpy
 import shlex
 import statistics
 import subprocess
@@ -58,6 +58,7 @@ import time
 from collections.abc import Sequence
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+HOST_MEMORY = REPO / "unit_scaling" / "host_memory.py"  # stdlib only: runs in any interpreter
 
 # The shape of issue #17: u-μP causal LM, width 256, 4 layers, seq 256, batch 8.
 SHAPE = dict(d_model=256, layers=4, heads=4, seq_len=256, batch=8, vocab=8192)
@@ -75,11 +76,7 @@ def torch_worker(shape: dict, warmup: int, keep_freed: bool) -> None:
     stdin with `{"wall": [...], "cpu": [...]}` (seconds per step) on stdout.
     `keep_freed`: glibc's malloc set as this project's `train.py` sets it."""
     if keep_freed:  # by path: this interpreter must not import this repository's package
-        spec = importlib.util.spec_from_file_location(
-            "host_memory", REPO / "unit_scaling" / "host_memory.py")
-        host_memory = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(host_memory)
-        keep_freed = host_memory.keep_freed_memory()
+        keep_freed = runpy.run_path(str(HOST_MEMORY))["keep_freed_memory"]()
     import torch
     import unit_scaling as uu  # the PyTorch library, not this repository
 

@@ -453,7 +453,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--axis", choices=tuple(AXES), default="width",
                         help="what changes between the curves: " + "; ".join(
-                            f"{k}: {v}" for k, v in AXES.items()))
+                            f"{k}: {v}" for k, v in AXES.items()).replace("%", "%%"))
     parser.add_argument("--values", "--widths", default="32,64,128,256",
                         help="the axis' values (--widths: the width axis' old name)")
     add_lr_flags(parser, "lr_transfer")

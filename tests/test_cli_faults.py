@@ -163,3 +163,19 @@ def test_a_failed_save_stops_the_run_naming_the_step_and_the_free_space(tmp_path
     assert not (workdir / "lock").exists()  # released: the rerun may start
     # (that a rerun then starts over cleanly is tests/test_loop.py's
     # test_failed_save_stops_the_run_and_keeps_the_previous_checkpoint)
+
+
+@pytest.mark.parametrize("module", [
+    "experiments.low_precision", "experiments.lr_transfer", "experiments.param_dtype",
+    "experiments.scaling_law", "experiments.transfer", "experiments.umup_mults",
+    "benchmarks.ab_trees", "benchmarks.attention", "benchmarks.speed",
+    "benchmarks.vs_torch_reference"])
+def test_help_renders(module, capsys):
+    # argparse %-formats help strings: a bare "10%" printed the whole action dict.
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("usage:")
+    assert "option_strings" not in out, out

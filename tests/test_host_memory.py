@@ -46,3 +46,5 @@ def test_only_where_jax_runs_on_the_cpu(monkeypatch):
     assert not host_memory.runs_on_cpu() and not host_memory.keep_freed_memory()
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     assert host_memory.runs_on_cpu()
+    monkeypatch.setenv(host_memory.OPT_OUT_ENV, "0")
+    assert not host_memory.keep_freed_memory()

@@ -103,3 +103,15 @@ def test_training_does_not_depend_on_the_machines_core_count(corpus, kind, monke
         monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
         protos.append(tok.train_tokenizer(sentences, kind=kind, vocab_size=600).model_proto)
     assert protos[0] == protos[1]
+
+
+def test_generated_continuation_keeps_its_word_boundary(corpus):
+    from unit_scaling.generate import continuation_text
+
+    t = tok.load_or_train_tokenizer(corpus, kind="unigram", vocab_size=1000, sample_size=100_000)
+    ids = t.encode("In the beginning God created").tolist()
+    cut = next(i for i in range(1, len(ids)) if t.word_start[ids[i]])  # a word starts here
+    prompt = t.decode(ids[:cut])
+    assert continuation_text(t, prompt, ids[cut:]) == "In the beginning God created"
+    inside = next(i for i in range(1, len(ids)) if not t.word_start[ids[i]])  # mid-word
+    assert continuation_text(t, t.decode(ids[:inside]), ids[inside:]) == t.decode(ids)

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from unit_scaling import compress, errors
+from unit_scaling import compress, errors, host_memory
 from unit_scaling.evaluate import compression_from_flags, define_compression_flags
 from unit_scaling.errors import ConfigError
 from unit_scaling.data import corpora
@@ -93,6 +93,7 @@ def _define_flags() -> None:
 @errors.reported
 def main(argv):
     del argv
+    host_memory.keep_freed_memory()  # before JAX's CPU client exists: see host_memory.py
     f = flags.FLAGS
     if f.max_new_tokens < 1:  # before loading anything
         check_lengths(0, f.max_new_tokens, 1)
@@ -108,8 +109,17 @@ def main(argv):
     )
     for row in np.asarray(new):
         end = np.flatnonzero(row == SEP_ID)
-        row = row[: end[0]] if end.size else row
-        print(f.prompt + tokenizer.decode(row.tolist()))
+        print(continuation_text(tokenizer, f.prompt, row[: end[0]] if end.size else row))
+
+
+def continuation_text(tokenizer: Tokenizer, prompt: str, new_ids) -> str:
+    """`prompt` as typed, then the decoded `new_ids`, with the space their first piece
+    begins with (`decode` drops a leading one: "In the" + "beginning", not "In
+    thebeginning")."""
+    new_ids = [int(i) for i in new_ids]
+    text = tokenizer.decode(new_ids)
+    space = " " if text and prompt and tokenizer.word_start[new_ids[0]] else ""
+    return prompt + space + text
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import causal_lm as causal_config  # noqa: E402
-from unit_scaling import compress  # noqa: E402
+from unit_scaling import compress, host_memory  # noqa: E402
 from unit_scaling.models import causal_lm  # noqa: E402
 from unit_scaling.train import tasks  # noqa: E402
 
@@ -140,6 +140,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--load_note", default="", help="how busy the machine was")
     args = parser.parse_args(argv)
+    host_memory.keep_freed_memory()  # as train.py and generate: before JAX's CPU client
     rows = []
     load_before = os.getloadavg()
     for preset in args.presets.split(","):

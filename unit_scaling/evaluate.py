@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from unit_scaling import compress as compress_lib
-from unit_scaling import errors
+from unit_scaling import errors, host_memory
 from unit_scaling.compress import Compression
 from unit_scaling.errors import ConfigError
 from unit_scaling.models import bert, causal_lm
@@ -146,6 +146,7 @@ def compression_from_flags() -> Compression:
 @errors.reported
 def main(argv):
     del argv
+    host_memory.keep_freed_memory()  # before JAX's CPU client exists: see host_memory.py
     f = flags.FLAGS
     c = compression_from_flags()  # bad combinations fail before anything loads
     start = time.perf_counter()

@@ -715,6 +715,16 @@ def _sub_eqns(eqn):
                 yield from _sub_eqns(inner)
 
 
+def test_readout_logits_do_not_overflow_fp16():
+    # fan_in 4096, inputs and weights 4: logits 4 * 4 * 4096 / 4096 = 16, but the
+    # unscaled x @ kernel (65536) is past fp16's 65504.
+    x = jnp.full((2, 4096), 4.0, jnp.float16)
+    w = jnp.full((4096, 2), 4.0, jnp.float16)
+    y, vjp = jax.vjp(U.linear_readout, x, w)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.full((2, 2), 16.0))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in vjp(jnp.ones_like(y)))
+
+
 def test_linear_weight_gradient_does_not_overflow_fp16():
     # 4096 tokens whose output gradients all agree: the unscaled weight-gradient sum
     # (4096 * 30 = 122880) is past fp16's 65504, the B^-1/2-scaled one (1920) is not.

@@ -243,42 +243,48 @@ def _dense(x: Array, kernel: Array, bias: Optional[Array], out_scale: float,
       epilogue), so it costs no pass of its own; a scale on an operand is a pass over
       the kernel or the activation before the GEMM. Moving the scales from the
       smaller operand to the outputs took the u-μP step of the causal LM above from
-      0.96 to 0.98 of SP's (0.34 s, idle 2-core EPYC).
-    - Except in float16, where the weight and bias gradients are scaled *before* the
-      sum over the batch (on `x` or on `g`, whichever is smaller): the unscaled sum
-      over thousands of tokens can exceed 65504 (the u-μP readout's did), the
-      unit-scaled one does not. float32 and bfloat16 have float32's range.
+      0.96 to 0.98 of SP's (0.32 s, idle 2-core EPYC).
+    - Except in float16, where every scale goes on the smaller operand, *before* the
+      sum: unscaled, the readout's `x @ kernel` is `fan_in` times its logits and the
+      weight gradient's sum over thousands of tokens can exceed 65504 (the u-μP
+      readout's did); scaled first, neither does. float32 and bfloat16 have float32's
+      range.
     """
     return _dense_fwd(x, kernel, bias, out_scale, grad_x_scale, grad_w_scale)[0]
 
 
-def _scaled(y: Array, scale: float) -> Array:
-    return y if scale == 1.0 else y * scale
+def _scaled_matmul(a: Array, b: Array, scale: float, before_sum: bool) -> Array:
+    """`(a @ b) * scale`, the scale on the output, or with `before_sum` on the smaller
+    operand (see `_dense`)."""
+    if scale == 1.0:
+        return a @ b
+    if not before_sum:
+        return (a @ b) * scale
+    return (a * scale) @ b if a.size <= b.size else a @ (b * scale)
 
 
 def _dense_fwd(x, kernel, bias, out_scale, grad_x_scale, grad_w_scale):
+    res = (x, kernel, bias)
+    if x.dtype == jnp.float16:
+        y = _scaled_matmul(x, kernel, out_scale, before_sum=True)
+        return y if bias is None else y + _lead(bias * out_scale, y.ndim).astype(y.dtype), res
     y = x @ kernel
-    if bias is not None:
-        y = y + _lead(bias.astype(y.dtype), y.ndim)
-    return _scaled(y, out_scale), (x, kernel, bias)
+    y = y if bias is None else y + _lead(bias.astype(y.dtype), y.ndim)
+    return (y if out_scale == 1.0 else y * out_scale), res
 
 
 def _dense_bwd(out_scale, grad_x_scale, grad_w_scale, res, g):
     del out_scale
     x, kernel, bias = res
+    fp16 = x.dtype == jnp.float16
     fan_in, fan_out = kernel.shape
-    g_x = _scaled(g @ kernel.T, grad_x_scale)
     x2, g2 = x.reshape(-1, fan_in), g.reshape(-1, fan_out)
-    if g.dtype != jnp.float16 or grad_w_scale == 1.0:
-        g_kernel = _scaled(x2.T @ g2, grad_w_scale)
-        g_bias = None if bias is None else _scaled(jnp.sum(g2, axis=0), grad_w_scale)
-    else:  # float16: scaled before the sum over tokens, on the smaller side (`_dense`)
-        if fan_in <= fan_out:
-            g_kernel = (x2 * grad_w_scale).T @ g2
-        else:
-            g_kernel = x2.T @ (g2 * grad_w_scale)
-        g_bias = None if bias is None else jnp.sum(g2 * grad_w_scale, axis=0)
-    g_bias = None if g_bias is None else g_bias.astype(bias.dtype)
+    g_x = _scaled_matmul(g, kernel.T, grad_x_scale, before_sum=fp16)
+    g_kernel = _scaled_matmul(x2.T, g2, grad_w_scale, before_sum=fp16)
+    g_bias = None
+    if bias is not None:
+        g_bias = (jnp.sum(g2 * grad_w_scale, axis=0) if fp16
+                  else jnp.sum(g2, axis=0) * grad_w_scale).astype(bias.dtype)
     return g_x.astype(x.dtype), g_kernel.astype(kernel.dtype), g_bias
 
 

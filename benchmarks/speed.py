@@ -602,14 +602,16 @@ def write(rows: Sequence[dict], args: argparse.Namespace, command: str,
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the benchmark; returns {"rows", "paths", "markdown"}."""
     args = parse_args(argv)
-    host_memory.keep_freed_memory()  # as train.py: before JAX's CPU client exists
+    kept = host_memory.keep_freed_memory()  # as train.py: before JAX's CPU client exists
     argv = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["python", "benchmarks/speed.py", *argv])
     load = os.getloadavg()[0]
     rows = run(args)
     # What else ran on the machine: the absolute times depend on it, the ratios less.
     notes = [f"Load average (1 min): {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
-             + f"end, on {os.cpu_count()} CPU cores."]
+             + f"end, on {os.cpu_count()} CPU cores. glibc malloc: "
+             + ("one arena, freed memory kept (`unit_scaling/host_memory.py`, as train.py)."
+                if kept else "as it comes.")]
     peaks = {(r["config"], r["precision"]): r["matmul_peak"] for r in rows if "matmul_peak" in r}
     notes += [f"Matmul peak, {config} {precision}: {p['flops_per_s'] / 1e9:.1f} GFLOP/s in "
               f"{p['dtype']} at (M, K, N) = {tuple(p['shape'])} (of "

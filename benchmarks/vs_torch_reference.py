@@ -194,6 +194,9 @@ def measure(args: argparse.Namespace) -> dict:
             workers[side] = LineWorker(
                 [args.torch_python, "-I", __file__, "--torch_worker", "--shape", json.dumps(shape),
                  "--warmup", str(args.warmup)] + (["--keep_freed"] if malloc == "keep_freed" else []))
+            if malloc == "keep_freed" and not workers[side].info["keep_freed"]:
+                raise SystemExit(f"error: the {side!r} side could not set glibc's malloc "
+                                 "(not glibc?); run with --torch_malloc default")
         benches = jax_benches(shape, params, args.override)
         for bench in benches:
             bench.state = bench.init()
@@ -222,6 +225,7 @@ def measure(args: argparse.Namespace) -> dict:
         "rounds": args.rounds, "steps_per_round": args.steps, "warmup": args.warmup,
         "torch": info, "jax": jax.__version__,
         "jax_num_params": {b.param: b.row["num_params"] for b in benches},
+        "jax_keep_freed": args.jax_keep_freed,
         "jax_compile_s": {b.param: b.row["compile_s"] for b in benches},
         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
     })
@@ -273,9 +277,10 @@ def markdown(result: dict, command: str) -> str:
         f"torch.compile of {' and '.join(torch_info['compiled'])} (compile + warm-up "
         + ", ".join(f"{i['compile_and_warmup_s']:.0f} s" for i in infos.values()) + "). JAX: "
         "`configs/causal_lm.py` at that shape, the step `train.py` runs, with glibc's malloc "
-        "set as `train.py` sets it (`unit_scaling/host_memory.py`: one arena, freed memory "
-        "kept; \"torch, kept memory\" is the reference with the same setting) "
-        f"({', '.join(f'{p} {n:,}' for p, n in result['jax_num_params'].items())} parameters).",
+        + ("set as `train.py` sets it (`unit_scaling/host_memory.py`: one arena, freed "
+           "memory kept; \"torch, kept memory\" is the reference with the same setting) "
+           if result.get("jax_keep_freed") else "as it comes (`host_memory` did not apply) ")
+        + f"({', '.join(f'{p} {n:,}' for p, n in result['jax_num_params'].items())} parameters).",
         "", "| side | step ms | tokens/s | " + " | ".join(
             f"ratio to {ref} (wall) | ratio to {ref} (CPU s)" for ref in refs) + " |",
         "|---|---|---|" + "---|---|" * len(refs)]
@@ -337,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     sys.path.insert(0, str(REPO))
     from unit_scaling import host_memory
 
-    host_memory.keep_freed_memory()  # as train.py: before JAX's CPU client exists
+    args.jax_keep_freed = host_memory.keep_freed_memory()  # as train.py: before JAX's client
     args.torch_python = check_torch_python(args.torch_python)
     argv = sys.argv[1:] if argv is None else list(argv)
     shown, skip = [], False  # the command without the (machine-specific) torch path

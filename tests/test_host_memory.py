@@ -35,16 +35,21 @@ def _faults(mode: str) -> dict:
 def test_kept_memory_is_not_faulted_in_again_each_call():
     kept, default = _faults("keep"), _faults("default")
     if not kept["kept"]:
-        pytest.skip("not glibc: keep_freed_memory does nothing here")
-    # 64 MiB is 16k pages: the default allocator maps them afresh every call.
-    assert default["faults"] > 8000, default
+        pytest.skip("keep_freed_memory does nothing here (not glibc, not on the CPU, or "
+                    "UNIT_SCALING_KEEP_FREED_MEMORY=0)")
+    if default["faults"] < 8000:  # 64 MiB is 16k pages of 4 KiB
+        pytest.skip(f"the default allocator took {default['faults']} faults per call here "
+                    "(huge pages?): nothing for the setting to remove")
     assert kept["faults"] < default["faults"] / 2, (kept, default)
 
 
 def test_only_where_jax_runs_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(host_memory, "_applied", False)
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     assert not host_memory.runs_on_cpu() and not host_memory.keep_freed_memory()
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert host_memory.runs_on_cpu()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu,cuda")  # the first is the default
     assert host_memory.runs_on_cpu()
     monkeypatch.setenv(host_memory.OPT_OUT_ENV, "0")
     assert not host_memory.keep_freed_memory()

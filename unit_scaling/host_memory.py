@@ -21,9 +21,9 @@ temporaries live on the device, and the host's threads keep their own arenas).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import importlib.metadata
 import importlib.util
+import logging
 import os
 
 # mallopt parameters, from glibc's <malloc.h>.
@@ -32,14 +32,15 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _NEVER_TRIM = 2**31 - 1  # bytes free at the top of the heap before glibc returns them: an int
 OPT_OUT_ENV = "UNIT_SCALING_KEEP_FREED_MEMORY"
+_applied = False
 
 
 def runs_on_cpu() -> bool:
     """Whether JAX in this process will compute on the CPU, judged without creating a
-    backend: JAX_PLATFORMS names only cpu, or no accelerator plugin is installed."""
+    backend: JAX_PLATFORMS puts cpu first, or no accelerator plugin is installed."""
     platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
     if platforms:
-        return platforms == "cpu"
+        return platforms.split(",")[0].strip() == "cpu"
     plugins = importlib.metadata.entry_points(group="jax_plugins")  # how JAX finds them
     return not plugins and not any(importlib.util.find_spec(m) for m in ("jax_plugins", "libtpu"))
 
@@ -48,14 +49,22 @@ def keep_freed_memory() -> bool:
     """Sets glibc's malloc to one arena that neither maps large chunks nor trims its
     heap, when JAX will run on the CPU (and $UNIT_SCALING_KEEP_FREED_MEMORY is not 0).
     Returns whether it did."""
+    global _applied
+    if _applied:  # e.g. train.main called once per run of an in-process sweep
+        return True
     if os.environ.get(OPT_OUT_ENV, "1").strip() == "0" or not runs_on_cpu():
         return False
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
+        libc = ctypes.CDLL(None)  # this process's own symbols: libc's, where it is glibc
     except OSError:
-        libc = None
-    if libc is None or not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
+        return False
+    if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
         return False  # musl, macOS, Windows: their allocators have other knobs
-    return all(libc.mallopt(param, value) == 1 for param, value in (
+    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+    if threads > 1:  # e.g. JAX's CPU client: its threads keep the arenas they have
+        logging.warning("host_memory.keep_freed_memory: called with %d threads running; "
+                        "those that already allocated keep their own arenas, so call it "
+                        "before JAX computes anything", threads)
+    _applied = all(libc.mallopt(param, value) == 1 for param, value in (
         (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM)))
+    return _applied

@@ -165,6 +165,9 @@ TRAIN_BOOKKEEPING = dict(
     eval_batches=20,
     checkpoint_every=500,
     keep_checkpoints=2,
+    # With several processes: steps between agreeing on a SIGTERM / Ctrl-C (an
+    # all-gather that waits for the step, so not every step). One process: every step.
+    preemption_check_every=10,
     rms_every=0,  # per-tensor RMS of params, grads and updates every N steps
     profile_start=0,  # a profiler trace of profile_steps steps from this step
     profile_steps=5,

@@ -161,7 +161,7 @@ def toy_loop_config(**train):
     c.train = train_config(steps=10, warmup_steps=2, global_batch_size=16, log_every=1,
                            eval_every=0, eval_batches=1, checkpoint_every=5,
                            keep_checkpoints=3, rms_every=5, profile_start=0,
-                           profile_steps=0,
+                           profile_steps=0, preemption_check_every=2,
                            weight_decay=0.0)  # decoupled decay's mask needs u-μP roles
     c.train.update(train)
     return c

@@ -49,11 +49,12 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
-    """Only process 0 gets SIGTERM (at batch 4); process 1 learns it through the
-    all-gathered flag, so both save step 4 together and exit 143. Without the agreement
-    process 1 would train on alone and hang in the next collective."""
+    """Only process 0 gets SIGTERM (at batch 3); process 1 learns it through the
+    flag all-gathered every `preemption_check_every` = 2 steps, so both save step 4
+    together and exit 143. Without the agreement process 1 would train on alone and
+    hang in the next collective."""
     workdir = str(tmp_path / "multi")
-    results = two_processes(workdir, "4")
+    results = two_processes(workdir, "3")
     for i, (returncode, out) in enumerate(results):
         assert returncode == loop.EXIT_PREEMPTED, out[-3000:]
         assert f"process {i}: preempted by SIGTERM: saved step 4" in out, out[-3000:]

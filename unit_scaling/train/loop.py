@@ -120,7 +120,7 @@ def _train(config, run_dir, trainer: trainer_lib.Trainer, ckpt, resume: Optional
                          desc="train", unit="step", dynamic_ncols=True)
     stop, step = 0, start
     try:
-        with Preemption() as preemption, trainer.context():
+        with Preemption(train.preemption_check_every) as preemption, trainer.context():
             for micro in range(start * train.grad_accum, train.steps * train.grad_accum):
                 local = pending.pop() if pending else next(task.train_batches)
                 state, step_metrics = trainer.train_step(state, trainer.global_batch(local))
@@ -129,7 +129,7 @@ def _train(config, run_dir, trainer: trainer_lib.Trainer, ckpt, resume: Optional
                 step = (micro + 1) // train.grad_accum
                 progress.update(1)
                 ckpt.check()  # a background save failed: stop before training past it
-                stop = preemption.agreed()
+                stop = preemption.agreed(step)
                 is_last = step == train.steps
                 _maybe_profile(train, step, run_dir)
                 if train.log_every and (step % train.log_every == 0 or is_last):

@@ -34,8 +34,8 @@ class Preemption:
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
-        self.signum = 0
+    def __init__(self, check_every: int = 1):
+        self.signum, self.check_every = 0, check_every
 
     def __enter__(self):
         self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
@@ -48,11 +48,16 @@ class Preemption:
                         signal.Signals(signum).name)
         self.signum = signum
 
-    def agreed(self) -> int:
-        """The signal to stop on (0: none), the same on every process: a signal seen by
-        any host stops all of them at the same step, so all save the same step."""
+    def agreed(self, step: int) -> int:
+        """The signal to stop on after `step` (0: none), the same on every process: a
+        signal seen by any host stops all of them at the same step, so all save the same
+        step. With several processes the hosts agree every `check_every` steps only:
+        the all-gather waits for the step to finish, which would otherwise end the
+        overlap of one step's dispatch with the previous step's compute."""
         if jax.process_count() == 1:
             return self.signum
+        if step % self.check_every:
+            return 0
         from jax.experimental import multihost_utils
 
         return int(np.max(multihost_utils.process_allgather(np.int32(self.signum))))

@@ -82,6 +82,9 @@ def check_train_config(train) -> None:
     for field in ("steps", "global_batch_size", "log_every", "eval_every", "checkpoint_every"):
         if train[field] < 0:
             raise ConfigError(f"config.train.{field}={train[field]} must be >= 0")
+    if train.preemption_check_every < 1:
+        raise ConfigError(f"config.train.preemption_check_every={train.preemption_check_every} "
+                          "must be >= 1 (steps between the hosts' agreement on a stop signal)")
     if train.steps == 0 or train.global_batch_size == 0:
         raise ConfigError("config.train.steps and global_batch_size must be positive")
     if train.grad_accum < 1:

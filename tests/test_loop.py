@@ -192,6 +192,7 @@ def test_corrupt_latest_checkpoint_names_the_step_and_the_fix(tmp_path):
 
 @pytest.mark.parametrize("setting,match", [
     (dict(grad_accum=0), "config.train.grad_accum=0 must be >= 1"),
+    (dict(preemption_check_every=0), "config.train.preemption_check_every=0 must be >= 1"),
     (dict(restore_step=7), "restore_step=7: no checkpoint at that step"),
 ])
 def test_bad_loop_settings_fail_before_training(tmp_path, setting, match):

@@ -242,8 +242,8 @@ def _dense(x: Array, kernel: Array, bias: Optional[Array], out_scale: float,
       gate, the residual add, the softmax, the optimizer's moments; cuBLAS into its
       epilogue), so it costs no pass of its own; a scale on an operand is a pass over
       the kernel or the activation before the GEMM. Moving the scales from the
-      smaller operand to the outputs took the u-μP step of the causal LM above from
-      0.96 to 0.98 of SP's (0.32 s, idle 2-core EPYC).
+      smaller operand to the outputs shortened u-μP's step of the causal LM above by
+      1.4% and tiny BERT's by 1.6-2.6% (`benchmarks/results/ab_output_scales_*`).
     - Except in float16, where every scale goes on the smaller operand, *before* the
       sum: unscaled, the readout's `x @ kernel` is `fan_in` times its logits and the
       weight gradient's sum over thousands of tokens can exceed 65504 (the u-μP

@@ -8,21 +8,21 @@ import pytest
 
 from unit_scaling import host_memory
 
-# x @ w is a 64 MiB temporary of a jitted call: page faults per call after warm-up.
+# x @ w is a 64 MiB temporary of a jitted call: the median page faults of 8 calls after
+# warm-up (a median: now and then the kept heap is fragmented and one call maps anew).
 _FAULTS_PER_CALL = """
-import json, resource, sys
+import json, resource, statistics, sys
 from unit_scaling import host_memory
 kept = sys.argv[1] == "keep" and host_memory.keep_freed_memory()
 import jax, jax.numpy as jnp
 x, w = jnp.ones((16384, 64), jnp.float32), jnp.ones((64, 1024), jnp.float32)
 step = jax.jit(lambda x, w: (x.T @ (x @ w)).sum()).lower(x, w).compile()
-for _ in range(3):
+faults = []
+for call in range(11):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step(x, w).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
-    step(x, w).block_until_ready()
-print(json.dumps({"kept": bool(kept),
-                  "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"kept": bool(kept), "faults": statistics.median(faults[3:]), "all": faults}))
 """
 
 
@@ -40,7 +40,7 @@ def test_kept_memory_is_not_faulted_in_again_each_call():
     if default["faults"] < 8000:  # 64 MiB is 16k pages of 4 KiB
         pytest.skip(f"the default allocator took {default['faults']} faults per call here "
                     "(huge pages?): nothing for the setting to remove")
-    assert kept["faults"] < default["faults"] / 2, (kept, default)
+    assert kept["faults"] < default["faults"] / 4, (kept, default)
 
 
 def test_only_where_jax_runs_on_the_cpu(monkeypatch):

@@ -147,3 +147,9 @@ def test_short_reason_keeps_the_os_error_of_a_long_or_chained_message():
     except RuntimeError as e:
         assert short_reason(e) == "RuntimeError: Event loop is closed [File too large]"
     assert short_reason(OSError("disk full")) == "OSError: disk full"
+    # The zarr driver's variant: the spec between the OS error and its code.
+    spec = ValueError("OUT_OF_RANGE: Error opening \"zarr\" driver: " + "c" * 400
+                      + ": Failed to write 7 bytes to file 7: File too large [tensorstore_spec="
+                      + "'{\\\"path\\\":\\\"" + "d" * 300 + "\\\",\\\"shape\\\":[512]}'] "
+                      + "[os_error_code='27']")
+    assert short_reason(spec).endswith(" [File too large]"), short_reason(spec)

@@ -346,7 +346,9 @@ def short_reason(e: BaseException, limit: int = 300) -> str:
     while link is not None and len(chain) < 8:  # and in the exceptions behind this one
         chain.append(str(link))
         link = link.__cause__ or link.__context__
-    for cause in re.findall(r":\s*([^:\[\]]+?)\s*\[os_error_code", "\n".join(chain)):
+    # The error's tensorstore spec (brackets, JSON) may sit between the two.
+    for cause in re.findall(r":\s*([^:\[\]]+?)\s*(?:\[tensorstore_spec='.*?'\]\s*)?"
+                            r"\[os_error_code", "\n".join(chain)):
         if cause not in text:
             text += f" [{cause}]"
     return f"{type(e).__name__}: {text}" if text else type(e).__name__

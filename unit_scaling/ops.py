@@ -86,8 +86,8 @@ class StandardOps:
         return out
 
     def gelu(self, x: Array) -> Array:
-        """GELU (exact)."""
-        return jax.nn.gelu(x, approximate=False)
+        """GELU (exact; `U.gelu` unscaled: computed in float32)."""
+        return U.gelu(x, scaled=False)
 
     def silu_glu(self, x: Array, gate: Array) -> Array:
         """SwiGLU `x * silu(gate)` (`U.silu_glu` unscaled: its fused backward)."""

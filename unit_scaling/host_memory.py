@@ -6,7 +6,10 @@ glibc gives each such thread its own arena, which can only serve an allocation t
 with a fresh `mmap`, and `free` hands it straight back with `munmap`: every step then
 page-faults its whole temp buffer in again, 131k faults and 0.23 s of kernel time per
 0.44 s step on a 2-core EPYC. With one arena that never returns memory to the system
-and never maps a chunk of its own, the step reuses the same pages: 0 faults, 0.34 s.
+and never maps a chunk of its own, the step reuses the same pages: 0 faults, 0.34 s
+(idle, and the same next to two busy-loop processes). Reuse is not guaranteed: a
+synthetic 64 MiB temporary (`tests/test_host_memory.py`) still mapped anew on about
+half its calls under the test suite's parallel load, for reasons not pinned down.
 
 Set `UNIT_SCALING_KEEP_FREED_MEMORY=0` to leave malloc as it is (the price of the
 setting: memory a run has freed is not returned to the system until it exits).

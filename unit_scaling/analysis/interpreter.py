@@ -25,9 +25,9 @@ from jax._src import source_info_util
 _INLINE = frozenset({"pjit", "jit", "closed_call", "core_call", "remat", "remat2", "checkpoint"})
 _CORE_FILES = tuple(
     os.path.join("unit_scaling", *f.split("/"))
-    for f in ("functional.py", "scale.py", "formats/quantisation.py", "formats/policy.py")
+    for f in ("scale.py", "formats/quantisation.py", "formats/policy.py")
 )
-_FUNCTIONAL_FILE = os.path.join("unit_scaling", "functional.py")
+_FUNCTIONAL_DIR = os.path.join("unit_scaling", "functional")  # the ops, one file per family
 _SCALE_FILE = os.path.join("unit_scaling", "scale.py")
 # `scale.share_over_vmap`: identity in both passes outside vmap; not a tensor of its own.
 _SHARE_OP = "custom_vjp:share_over_vmap"
@@ -90,9 +90,10 @@ def _functional_call(source_info) -> Optional[tuple[str, str, int]]:
     frames = list(source_info_util.user_frames(source_info.traceback))
     op_index = None
     for i, frame in enumerate(frames):  # innermost first
-        if not frame.file_name.endswith(_CORE_FILES):
+        in_functional = os.path.dirname(frame.file_name).endswith(_FUNCTIONAL_DIR)
+        if not (in_functional or frame.file_name.endswith(_CORE_FILES)):
             break
-        if frame.file_name.endswith(_FUNCTIONAL_FILE) and not frame.function_name.startswith("_"):
+        if in_functional and not frame.function_name.startswith("_"):
             if "<" not in frame.function_name:
                 op_index = i
     if op_index is None:

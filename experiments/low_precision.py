@@ -327,9 +327,7 @@ def figure(runs: Sequence[Run], rows: Sequence[Mapping[str, Any]], path: str) ->
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    argv = list(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = sweep.split_train_flags(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG,
                         help="FILE.py:ARG, e.g. configs/bert.py:mini or configs/causal_lm.py:tiny")

@@ -448,8 +448,7 @@ def _markdown(args, rows, optima) -> str:
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = sweep.split_train_flags(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--axis", choices=tuple(AXES), default="width",
                         help="what changes between the curves: " + "; ".join(

@@ -34,7 +34,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from experiments import lr_transfer, report
+from experiments import lr_transfer, report, sweep
 
 SETTINGS = {
     "fp32": {"config.model.param_dtype": "float32"},
@@ -48,8 +48,7 @@ DEFAULT_SETTINGS = "fp32,bf16,bf16_sr"
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = sweep.split_train_flags(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", default="64,128", help="d_model of the two sizes")
     parser.add_argument("--settings", default=DEFAULT_SETTINGS,

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import report
+from experiments import report, sweep
 
 MODELS = {"bert": "configs/bert.py:base", "causal_lm": "configs/causal_lm.py:125m"}
 PARAMS = ("sp", "unit", "umup")
@@ -120,8 +120,7 @@ def analyse_model(spec: str, runs_dir: str, batch_size: int, seq_len: int | None
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = shlex.join(["python", "-m", "experiments.scales_at_init", *argv])
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = sweep.split_train_flags(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(MODELS),
                         help=f"comma list of {sorted(MODELS)} or NAME=FILE.py:ARG")

@@ -50,8 +50,7 @@ CONFIG = "configs/causal_lm.py:tiny"
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = sweep.split_train_flags(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--depths", default="1,2,3,4,5,6", help="u-μP sizes (layers; width follows)")
     p.add_argument("--head_dim", type=int, default=16, help="d_model = head_dim (layers + 1)")

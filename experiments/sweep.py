@@ -77,6 +77,16 @@ def run_name(point: dict[str, str]) -> str:
     return ",".join(f"{k.removeprefix('config.')}={v}" for k, v in point.items()) or "default"
 
 
+def split_train_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`(own, extra)`: an experiment's own flags, and the `train.py` flags after `--`
+    that it passes to every run."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
 def command(config: str, point: dict[str, str], workdir: str, extra: Sequence[str]) -> list[str]:
     """The `train.py` command line of one grid point."""
     arg_items = [f"{k}={v}" for k, v in point.items() if not k.startswith("config.")]

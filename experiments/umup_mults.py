@@ -32,8 +32,7 @@ MULTS = ("act_mult", "attn_mult", "residual_mult", "residual_attn_ratio", "loss_
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = sweep.split_train_flags(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lr", type=float, default=0.5,
                         help="peak lr of the mult sweep (configs/causal_lm.py's u-μP default)")

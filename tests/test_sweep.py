@@ -18,6 +18,12 @@ def test_grid_commands_split_arg_and_overrides(capsys):
     assert "--workdir=runs/s/param=umup,train.lr=1e-2" in lines[3]
 
 
+def test_train_flags_after_double_dash_are_split_off():
+    assert sweep.split_train_flags(("--steps", "5", "--", "--config.seed=1")) == (
+        ["--steps", "5"], ["--config.seed=1"])
+    assert sweep.split_train_flags(["--help"]) == (["--help"], [])
+
+
 def test_bad_grid_axis():
     with pytest.raises(ValueError, match="KEY=V1,V2"):
         sweep.parse_grid(["lr"])
